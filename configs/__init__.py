@@ -1,0 +1,1 @@
+"""Hydra configs of fastdistill, installed with the package (``pkg://fastdistill.configs``)."""

@@ -1,0 +1,3 @@
+from fastdistill.run import main
+
+main()

@@ -1,0 +1,135 @@
+"""The output folder of a run (DESIGN.md "Output of a run"); every write is atomic (temp file + rename).
+
+``outputs/<method>/<date-time>/``: config.yaml, manifest.json, metrics.json, profile.json, checkpoint.pt,
+and for the distillation methods distilled/<class>/*.png, labels.safetensors and preview.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def git_revision() -> str | None:
+    """The git sha of the fastdistill source tree, '+dirty' when it has local changes; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import fastdistill
+
+    out = {"fastdistill": fastdistill.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+           "platform": platform.platform()}
+    for mod in ("torchvision", "timm", "open_clip", "triton", "hydra"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    return out
+
+
+class RunDir:
+    """The output folder of one run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj) -> Path:
+        return write_json(self.path / name, obj)
+
+    def write_config(self, cfg: DictConfig) -> Path:
+        with atomic_path(self.path / "config.yaml") as tmp:
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return self.path / "config.yaml"
+
+    def write_manifest(self, cfg: DictConfig, device: torch.device, **extra) -> Path:
+        """versions, seed, device, git revision and the resolved config, plus method-specific ``extra``."""
+        manifest = {
+            "method": cfg.method.name,
+            "seed": cfg.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "git": git_revision(),
+            "versions": versions(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            **extra,
+        }
+        return self.write_json("manifest.json", manifest)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        with atomic_path(self.path / name) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        return self.path / name
+
+    def save_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                    folder: str = "distilled") -> Path:
+        """[0, 1] images (N, C, H, W) as ImageFolder PNGs ``folder/<class>/<index>.png`` (rounded, not
+        truncated, to uint8: the published FADRM code truncates)."""
+        from PIL import Image
+
+        root = self.path / folder
+        counts: dict[int, int] = {}
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        for img, y in zip(pixels, labels.tolist()):
+            k = counts.get(y, 0)
+            counts[y] = k + 1
+            arr = img.permute(1, 2, 0).numpy()
+            pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            with atomic_path(root / _safe(classes[y]) / f"{k:05d}.png") as tmp:
+                pil.save(tmp, format="PNG")
+        return root
+
+    def save_preview(self, images: torch.Tensor, nrow: int, name: str = "preview.png") -> Path:
+        """A grid of [0, 1] images (N, C, H, W) that a person looks at."""
+        from torchvision.utils import save_image
+
+        with atomic_path(self.path / name) as tmp:
+            save_image(images.detach().float().clamp(0, 1).cpu(), str(tmp), nrow=nrow, padding=2, format="png")
+        return self.path / name
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "_"

@@ -1,0 +1,53 @@
+"""Batch transforms on the device: uint8 batches in, float [0, 1] batches at the backbone's size out.
+
+Every dataset feeds every backbone through :func:`to_input`: grayscale is repeated to 3 channels and the
+batch is resized to the backbone's input size. Normalisation is the backbone's own (``Backbone.normalize``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def to_input(x: torch.Tensor, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """uint8 or float (N, C, H, W) -> float32 (N, channels, *size) in [0, 1]."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and channels == 1:
+        x = x.mean(1, keepdim=True)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Differentiable per-sample random-resized-crop via ``affine_grid``/``grid_sample`` (bilinear).
+
+    Every window lies inside the image: the published LGM augmentation lets about 14 % of windows leave
+    it and pads zeros (METHODS.md), which this clamps away.
+    """
+    n = x.shape[0]
+    dev = x.device
+    area = torch.empty(n, device="cpu").uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n, device="cpu").uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    w = (area * r).sqrt().clamp(max=1.0)  # fraction of the width
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)  # centre so that the window stays inside
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta.to(dev, x.dtype), [n, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each sample horizontally with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)

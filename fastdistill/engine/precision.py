@@ -1,0 +1,47 @@
+"""``precision=fp32|bf16|fp16``: autocast for the forward, a GradScaler where fp16 needs one.
+
+Statistics and losses stay fp32 (recipes cast them explicitly); parameters and optimiser state stay fp32.
+On CPU bf16/fp16 autocast works but is slower without native units (PLATFORM.md): fp32 is the default.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast context and loss scaling for one device and precision."""
+
+    def __init__(self, name: str, device: torch.device):
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(PRECISIONS)}")
+        self.name, self.device, self.dtype = name, device, PRECISIONS[name]
+        # fp16 overflows without loss scaling; the scaler also skips steps with inf/NaN gradients, which the
+        # published LGM code's fixed scale of 1024 never checks (METHODS.md)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, clip_grad: float | None = None, params=None) -> None:
+        """Unscale, optionally clip, step and update the scale."""
+        if clip_grad:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,105 @@
+"""``timm:<arch>[.<tag>]`` backbones (ViT, ResNet, ConvNeXt, EfficientNet, ...; DINO/DINOv2/MAE/CLIP tags)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+from fastdistill.models.backbone import Backbone
+from fastdistill.models.factory import register_source
+from fastdistill.models.spec import BackboneSpec
+from fastdistill.models.weights import PACKAGED, convert_efficientnet_pytorch, load_into, read_state_dict, weights_kind
+
+
+def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention (N, H, L, L) of a timm ``Attention`` module on its input tokens x (N, L, D).
+
+    Recomputes q and k from the module's own projections and norms: the fused SDPA path never
+    materialises the probabilities.
+    """
+    n, length, _ = x.shape
+    qkv = attn.qkv(x).reshape(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+
+
+def _family(model: nn.Module) -> str:
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        return "vit"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or hasattr(model, "conv_stem"):
+        return "cnn"
+    return "other"
+
+
+def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@register_source("timm")
+def create_timm(name: str, pretrained: str | None = "none", **kwargs) -> Backbone:
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the names")
+    kind = weights_kind(pretrained)
+    packaged = PACKAGED.get(pretrained) if kind == "packaged" else None
+    if packaged is not None:
+        if packaged.arch != arch:
+            raise ValueError(f"packaged weights {pretrained!r} fit timm:{packaged.arch}, not timm:{name}")
+        kwargs = {**packaged.model_kwargs, **kwargs}
+    kwargs.setdefault("num_classes", 0)
+    try:
+        model = timm.create_model(name, pretrained=kind == "hub", **kwargs)
+    except (RuntimeError, OSError) as e:
+        if kind == "hub":
+            raise RuntimeError(f"cannot fetch hub weights for timm:{name} ({type(e).__name__}: {e}); offline runs "
+                               f"use pretrained=/path/to/weights") from None
+        raise
+    if kind in ("file", "packaged"):
+        path = packaged.path() if packaged else pretrained
+        filters = [_timm_filter]
+        load_into(model, read_state_dict(path), f"weights '{path}'", filters)
+
+    data_cfg = timm.data.resolve_model_data_config(model)
+    family = _family(model)
+    patch = None
+    fixed = False
+    input_size = tuple(data_cfg["input_size"][1:])
+    if family == "vit":
+        pe = model.patch_embed
+        patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
+        input_size = tuple(pe.img_size)  # the configured img_size, not the pretrained config's
+        fixed = not getattr(pe, "dynamic_img_size", False)
+    if packaged is not None:
+        input_size = packaged.input_size or input_size
+    spec = BackboneSpec(
+        name=f"timm:{name}", source="timm", arch=arch, tag=name.partition(".")[2] or None,
+        input_size=input_size,
+        mean=tuple(packaged.mean if packaged and packaged.mean else data_cfg["mean"]),
+        std=tuple(packaged.std if packaged and packaged.std else data_cfg["std"]),
+        interpolation=data_cfg.get("interpolation", "bilinear"), feature_dim=model.num_features,
+        num_classes=getattr(model, "num_classes", 0), family=family, fixed_size=fixed, patch_size=patch,
+        weights=str(pretrained))
+    attention = []
+    if family == "vit":
+        attention = [(blk.attn, attention_probs) for blk in model.blocks if hasattr(blk.attn, "qkv")]
+    logits = _logits if spec.num_classes else None
+    return Backbone(model, spec, _embed, logits, attention)
+
+
+def _timm_filter(sd: dict, model: nn.Module) -> dict:
+    """Foreign checkpoints -> timm names: efficientnet_pytorch keys, then timm's own per-family filter
+    (DINOv2, MAE, CLIP ... conversions live in each timm module's ``checkpoint_filter_fn``)."""
+    if any(k.startswith("_conv_stem") for k in sd):
+        return convert_efficientnet_pytorch(sd, model)
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None and not set(sd) <= set(model.state_dict()):
+        sd = filter_fn(sd, model)
+    return sd

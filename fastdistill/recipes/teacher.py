@@ -1,0 +1,216 @@
+"""Supervised teacher training (``+method=teacher``): any timm backbone on any registered dataset.
+
+The BN teachers that FADRM recovers images from and the evaluators that LGM probes with come from here.
+Loss: cross-entropy (optional label smoothing) with SGD/AdamW, linear warm-up then cosine, on-device
+random-resized-crop (+ flip where the data allows it). A finished teacher is cached under a hash of the
+config that made it, so a later run or recipe that asks for the same teacher reuses it.
+
+Keys that matter: ``model``, ``method.epochs``, ``method.batch_size``, ``method.optimizer.lr``,
+``method.image_size``, ``data``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import Precision, load_checkpoint, maybe_compile, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.eval.classify import accuracy
+from fastdistill.models import Backbone, create_backbone
+from fastdistill.profiling import Profiler
+
+WEIGHTS = "model.safetensors"
+CARD = "teacher.json"
+
+
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("FASTDISTILL_CACHE", Path.home() / ".cache" / "fastdistill"))
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of everything that determines the trained weights (not where they are written)."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method.pop("cache", None)
+    key = {"model": cfg.model, "method": method, "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "seed": cfg.seed, "precision": cfg.precision}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_teacher(folder: str | Path) -> tuple[Backbone, dict]:
+    """A trained teacher from its folder (``model.safetensors`` + ``teacher.json``), frozen, on CPU."""
+    folder = Path(folder)
+    card_path = folder / CARD
+    if not card_path.is_file():
+        raise FileNotFoundError(f"teacher folder '{folder}' has no {CARD}; train one with +method=teacher")
+    card = json.loads(card_path.read_text())
+    model = create_backbone(card["model"], pretrained=str(folder / WEIGHTS), num_classes=len(card["classes"]),
+                            **card["model_kwargs"])
+    return model.freeze(), card
+
+
+class TeacherRecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        if m.epochs < 1:
+            raise ValueError(f"method.epochs must be >= 1, got {m.epochs!r}")
+        if m.batch_size < 1:
+            raise ValueError(f"method.batch_size must be >= 1, got {m.batch_size!r}")
+        lo, hi = m.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+        self.hash = config_hash(cfg)
+        self.cache_dir = cache_root() / "teachers" / self.hash
+
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        # data: decoded uint8 batches; transforms run on the device
+        self.splits = build_dataset(cfg.data)
+        self.train_set, self.test_set = self.splits["train"], self.splits["test"]
+        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=False,
+                                   seed=cfg.seed, num_workers=cfg.num_workers)
+        # network
+        self.model = create_backbone(cfg.model, pretrained=m.pretrained, num_classes=self.train_set.num_classes,
+                                     **m.model_kwargs).to(self.device)
+        spec = self.model.spec
+        self.image_size = tuple(spec.input_size) if spec.fixed_size else \
+            (m.image_size, m.image_size) if m.image_size else tuple(self.train_set.image_size)
+        self.forward = maybe_compile(self.model, cfg.compile, self.device)
+        # optimiser and per-step schedule
+        self.optimizer = instantiate(m.optimizer)(self.model.parameters())
+        self.steps_per_epoch = len(self.loader)
+        total = m.epochs * self.steps_per_epoch
+        self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.profiler = Profiler(self.device)
+        if cfg.resume:
+            self.load_checkpoint()
+
+    def train(self) -> None:
+        m = self.cfg.method
+        every = self.cfg.checkpoint_every
+        with console.progress(self.cfg.progress) as bar, self.profiler.phase("train"):
+            task = bar.add_task(f"teacher {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
+            for epoch in range(self.epoch, m.epochs):
+                start = self.step - epoch * self.steps_per_epoch
+                running = torch.zeros((), device=self.device)
+                for x, y in self.loader.epoch(epoch, start=start):
+                    loss = self.train_step(x, y)
+                    running += loss.detach()
+                    self.profiler.add_images("train", y.numel())
+                    self.step += 1
+                    bar.update(task, advance=1)
+                    if every and self.step % every == 0:
+                        self.save_checkpoint(epoch, completed=False)
+                # .item() syncs with the device: once per epoch
+                mean_loss = running.item() / max(self.steps_per_epoch - start, 1)
+                if not torch.isfinite(torch.tensor(mean_loss)):
+                    raise FloatingPointError(f"non-finite cross-entropy at epoch {epoch}, step {self.step}")
+                self.history.append({"epoch": epoch, "train_loss": mean_loss})
+                bar.update(task, info=f"loss {mean_loss:.3f}")
+                self.epoch = epoch + 1
+                self.save_checkpoint(self.epoch, completed=True)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.method
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[self.step])
+        x = to_input(x.to(self.device, non_blocking=True))
+        x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
+        if self.cfg.data.get("hflip", True):
+            x = random_hflip(x)
+        y = y.to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=m.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer, m.clip_grad, self.model.parameters())
+        return loss
+
+    def evaluate(self) -> dict:
+        with self.profiler.phase("evaluate", images=len(self.test_set)):
+            acc = accuracy(self.model, self.test_set, self.device, self.image_size, self.precision,
+                           self.cfg.method.eval_batch_size)
+        return {"test_acc": acc}
+
+    def save_checkpoint(self, epoch: int, completed: bool) -> None:
+        """``epoch`` is the next epoch to run when ``completed``, else the one in progress."""
+        save_checkpoint(self.out.path, {
+            "model": self.model.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
+            "hash": self.hash})
+
+    def load_checkpoint(self) -> None:
+        state = load_checkpoint(self.out.path)
+        if state is None:
+            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
+        if state["hash"] != self.hash:
+            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another config; resume with the "
+                             f"same overrides")
+        self.model.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+
+    def save(self, metrics: dict) -> Path:
+        """Weights and card in the run folder, and a copy in the teacher cache."""
+        from safetensors.torch import save_model
+
+        card = {"model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
+                "classes": self.train_set.classes, "dataset": self.cfg.data.name,
+                "image_size": list(self.image_size), "hash": self.hash, **metrics}
+        save_model(self.model.model, str(self.out / WEIGHTS))
+        self.out.write_json(CARD, card)
+        if self.cfg.method.cache:
+            tmp = self.cache_dir.with_name(self.cache_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copy2(self.out / WEIGHTS, tmp / WEIGHTS)
+            shutil.copy2(self.out / CARD, tmp / CARD)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            tmp.rename(self.cache_dir)
+        return self.out / WEIGHTS
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = TeacherRecipe(cfg)
+    recipe.out.write_config(cfg)
+    cached = recipe.cache_dir / CARD
+    if cfg.method.cache and not cfg.resume and cached.is_file():
+        card = json.loads(cached.read_text())
+        for name in (WEIGHTS, CARD):
+            shutil.copy2(recipe.cache_dir / name, recipe.out / name)
+        metrics = {"test_acc": card["test_acc"], "cached": str(recipe.cache_dir), "history": card.get("history", [])}
+        recipe.out.write_json("metrics.json", metrics)
+        recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, cached=True)
+        recipe.out.write_json("profile.json", Profiler(recipe.device).report())
+    else:
+        recipe.setup()
+        recipe.train()
+        metrics = {**recipe.evaluate(), "history": recipe.history}
+        recipe.save(metrics)
+        recipe.out.write_json("metrics.json", metrics)
+        recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, cached=False,
+                                  backbone=recipe.model.spec.to_dict(), classes=recipe.train_set.classes)
+        recipe.out.write_json("profile.json", recipe.profiler.report())
+    console.print_results(f"teacher {cfg.model} on {cfg.data.name}", ["model", "dataset", "test acc", "epochs"],
+                          [[cfg.model, cfg.data.name, metrics["test_acc"], cfg.method.epochs]], recipe.out.path)
+    return metrics
