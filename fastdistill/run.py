@@ -66,9 +66,25 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose("config", overrides=with_preset(list(overrides)))
 
 
+def check_common(cfg: DictConfig) -> None:
+    """The keys every method shares, checked before any work."""
+    from fastdistill.data import LOADERS
+    from fastdistill.engine.device import resolve_device
+    from fastdistill.engine.precision import PRECISIONS
+
+    if not isinstance(cfg.ipc, int) or cfg.ipc < 1:
+        raise ValueError(f"ipc must be an integer >= 1 (images per class), got {cfg.ipc!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"unknown loader {cfg.loader!r}; expected one of {', '.join(LOADERS)}")
+    resolve_device(cfg.device)
+
+
 def run(cfg: DictConfig):
     """Run the recipe ``cfg.method.name`` on a composed config; returns what the recipe returns."""
     OmegaConf.resolve(cfg)  # once: `out` holds a time stamp that must not change during the run
+    check_common(cfg)
     return get_recipe(cfg.method.name).main(cfg)
 
 

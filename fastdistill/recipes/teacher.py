@@ -99,6 +99,7 @@ class TeacherRecipe:
         total = m.epochs * self.steps_per_epoch
         self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
         self.epoch, self.step, self.history = 0, 0, []
+        self.loss_sum = torch.zeros((), device=self.device)  # of the epoch in progress
         self.profiler = Profiler(self.device)
         if cfg.resume:
             self.load_checkpoint()
@@ -110,17 +111,18 @@ class TeacherRecipe:
             task = bar.add_task(f"teacher {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
             for epoch in range(self.epoch, m.epochs):
                 start = self.step - epoch * self.steps_per_epoch
-                running = torch.zeros((), device=self.device)
+                if start == 0:
+                    self.loss_sum = torch.zeros((), device=self.device)
                 for x, y in self.loader.epoch(epoch, start=start):
                     loss = self.train_step(x, y)
-                    running += loss.detach()
+                    self.loss_sum += loss.detach()
                     self.profiler.add_images("train", y.numel())
                     self.step += 1
                     bar.update(task, advance=1)
                     if every and self.step % every == 0:
                         self.save_checkpoint(epoch, completed=False)
                 # .item() syncs with the device: once per epoch
-                mean_loss = running.item() / max(self.steps_per_epoch - start, 1)
+                mean_loss = self.loss_sum.item() / self.steps_per_epoch
                 if not torch.isfinite(torch.tensor(mean_loss)):
                     raise FloatingPointError(f"non-finite cross-entropy at epoch {epoch}, step {self.step}")
                 self.history.append({"epoch": epoch, "train_loss": mean_loss})
@@ -156,7 +158,7 @@ class TeacherRecipe:
         save_checkpoint(self.out.path, {
             "model": self.model.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
-            "hash": self.hash})
+            "loss_sum": self.loss_sum, "hash": self.hash})
 
     def load_checkpoint(self) -> None:
         state = load_checkpoint(self.out.path)
@@ -169,6 +171,7 @@ class TeacherRecipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.loss_sum = state["loss_sum"].to(self.device)
 
     def save(self, metrics: dict) -> Path:
         """Weights and card in the run folder, and a copy in the teacher cache."""

@@ -1,0 +1,110 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from fastdistill.data import build_dataset, list_datasets
+from fastdistill.data.transforms import random_resized_crop, to_input
+
+
+def test_mnist5k_fixed_split():
+    splits = build_dataset(OmegaConf.create({"name": "mnist5k", "train_per_class": 400}))
+    train, test = splits["train"], splits["test"]
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.images.shape == (4000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert torch.bincount(train.labels).tolist() == [400] * 10
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    again = build_dataset(OmegaConf.create({"name": "mnist5k", "train_per_class": 400}))
+    assert torch.equal(again["test"].images, test.images), "the split must not depend on anything but the config"
+    # train and test hold different digits (no image appears in both)
+    tr = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in tr for x in test.images)
+    assert train.images.float().mean() > 20, "real digits, not blank images"
+
+
+def _write_folder(root, classes=("cat", "dog"), n=5, size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_train_test(tmp_path):
+    _write_folder(tmp_path / "train")
+    _write_folder(tmp_path / "test", n=2)
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "channels": 3,
+                            "test_fraction": 0.2, "split_seed": 0, "cache": True})
+    splits = build_dataset(cfg)
+    assert splits["train"].classes == ["cat", "dog"]
+    assert splits["train"].images.shape == (10, 3, 16, 16)
+    assert len(splits["test"]) == 4
+
+
+def test_imagefolder_seeded_split(tmp_path):
+    _write_folder(tmp_path, n=10)
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 8, "channels": 1,
+                            "test_fraction": 0.2, "split_seed": 3, "cache": False})
+    a, b = build_dataset(cfg), build_dataset(cfg)
+    assert (len(a["train"]), len(a["test"])) == (16, 4)
+    assert torch.bincount(a["test"].labels).tolist() == [2, 2]
+    assert [str(p) for p in a["test"].paths] == [str(p) for p in b["test"].paths]
+    assert not set(map(str, a["test"].paths)) & set(map(str, a["train"].paths))
+    assert a["train"][0][0].shape == (1, 8, 8)
+
+
+def test_imagefolder_corrupt_image_is_one_line(tmp_path):
+    _write_folder(tmp_path / "train")
+    (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 8, "channels": 3,
+                            "test_fraction": 0.2, "split_seed": 0, "cache": True})
+    with pytest.raises(ValueError, match=r"corrupt image file '.*broken.png'"):
+        build_dataset(cfg)
+
+
+def test_imagefolder_missing_root(tmp_path):
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path / "nope"), "image_size": 8})
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_dataset(cfg)
+    with pytest.raises(ValueError, match="needs data.root"):
+        build_dataset(OmegaConf.create({"name": "imagefolder", "root": None, "image_size": 8}))
+
+
+def test_cifar10_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [*[(f"data_batch_{i}", 4) for i in range(1, 6)], ("test_batch", 3)]:
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    splits = build_dataset(OmegaConf.create({"name": "cifar", "root": str(tmp_path)}))
+    assert splits["train"].images.shape == (20, 3, 32, 32)
+    assert len(splits["test"]) == 3 and splits["train"].classes[3] == "c3"
+    first = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())["data"][0].tobytes(), np.uint8)
+    assert torch.equal(splits["train"].images[0].flatten(), torch.from_numpy(first.copy())), "CHW pixel order"
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; expected one of .*mnist5k"):
+        build_dataset(OmegaConf.create({"name": "nope"}))
+    assert {"mnist5k", "imagefolder", "cifar"} <= set(list_datasets())
+
+
+def test_gray_to_rgb_and_resize():
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    y = to_input(x, (32, 32))
+    assert y.shape == (2, 3, 32, 32) and 0 <= y.min() and y.max() <= 1
+    assert torch.equal(y[:, 0], y[:, 2])
+
+
+def test_random_resized_crop_stays_inside():
+    # a constant image stays constant under any crop that stays inside it (no zero padding)
+    x = torch.full((64, 3, 20, 20), 0.7, requires_grad=True)
+    y = random_resized_crop(x, (16, 16), scale=(0.08, 1.0), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(y, torch.full_like(y, 0.7), msg="crop window left the image")
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0, "the crop must be differentiable"

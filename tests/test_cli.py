@@ -1,0 +1,60 @@
+"""The command line as a user meets it: help, printed config, and one-line errors with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastdistill.run", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_help_lists_groups():
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    assert "fastdistill" in r.stdout and "method: teacher" in r.stdout.replace(",", "")
+
+
+def test_cfg_job_prints_the_preset_over_the_method():
+    r = cli("+method=teacher", "preset=smoke", "--cfg", "job")
+    assert r.returncode == 0, r.stderr
+    assert "epochs: 1" in r.stdout and "name: teacher" in r.stdout
+    r = cli("+method=teacher", "preset=smoke", "method.epochs=3", "--cfg", "job")
+    assert "epochs: 3" in r.stdout, "a command-line key must win over the preset"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+method=lgn"], "ValueError: unknown method 'lgn'; expected one of"),
+    ([], "ValueError: no method given; add +method=NAME"),
+    (["+method=teacher", "data=nope"], "ValueError: unknown dataset 'nope'"),
+    (["+method=teacher", "preset=fast"], "ValueError: unknown preset 'fast'"),
+    (["+method=teacher", "data=imagefolder"], "ValueError: data=imagefolder needs data.root=DIR"),
+    (["+method=teacher", "data=imagefolder", "data.root=/no/such/dir"], "FileNotFoundError: data.root '/no/such/dir'"),
+    (["+method=teacher", "ipc=0"], "ValueError: ipc must be an integer >= 1"),
+    (["+method=teacher", "model=timm:no_such_net"], "ValueError: unknown timm model 'no_such_net'"),
+    (["+method=teacher", "model=tf:resnet"], "ValueError: unknown backbone source 'tf'"),
+    (["+method=teacher", "method.pretrained=/ckpt/dino_s16.pth"],
+     "FileNotFoundError: pretrained weights '/ckpt/dino_s16.pth' not found"),
+    (["+method=teacher", "precision=fp8"], "ValueError: unknown precision 'fp8'"),
+])
+def test_one_line_errors(args, message, tmp_path):
+    r = cli(*args, f"out={tmp_path / 'run'}", "progress=false")
+    assert r.returncode == 2, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_image_is_one_line(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "data" / split / c / "ok.png")
+    (tmp_path / "data" / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    r = cli("+method=teacher", "data=imagefolder", f"data.root={tmp_path / 'data'}", f"out={tmp_path / 'run'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("ValueError: corrupt image file") and "bad.jpg" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
