@@ -1,0 +1,178 @@
+"""Benchmark the LGM gradient-cosine loss: forward + backward to the features, time and peak memory.
+
+Providers:
+    eager        the authors' formulation: head forward, F.cross_entropy, torch.autograd.grad(create_graph=True)
+                 on (W, b), flatten + cat, 1 - cosine, backward through the second-order graph to the features
+    closed_form  the reference in fastdistill/losses/grad_cosine.py (closed-form head gradient, autograd)
+    triton       fastdistill.kernels.grad_cosine (CUDA only; the CPU interpreter is ~500x slower than torch)
+
+Shapes follow the method (Cazenavette et al. 2025; METHODS.md): C in {10, 100, 1000} classes, D in {384, 768, 1536}
+(ViT-S/B/g features), N in {100, 512} synthetic views, 1 or 3 backbones (all of dim D), head W = 0.01 randn, b = 0.
+The real-side gradients are computed once, outside the timed region (they carry no graph).
+
+    python benchmarks/bench_grad_cosine.py                       # all shapes on CUDA, a subset on CPU
+    python benchmarks/bench_grad_cosine.py --classes 1000 --dims 1536 --batches 512 --backbones 3 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# run as a script, sys.path holds benchmarks/ but not the repository root that `benchmarks._harness` needs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import add_ratios, measure, print_table, write_results  # noqa: E402
+from fastdistill.kernels import grad_cosine as kernel  # noqa: E402
+from fastdistill.losses import grad_cosine as reference  # noqa: E402
+
+PROVIDERS = ("eager", "closed_form", "triton")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# CPU default: the published grid minus D = 768 (2 cores: the full grid takes several minutes per provider)
+DEFAULTS = {
+    "cuda": dict(classes=[10, 100, 1000], dims=[384, 768, 1536], batches=[100, 512], backbones=[1, 3]),
+    "cpu": dict(classes=[10, 100, 1000], dims=[384, 1536], batches=[100, 512], backbones=[1, 3]),
+}
+
+
+def _eager_loss(feats, labels, weights, biases, real_grads):
+    loss = 0.0
+    for f, w, b, (g_r, gb_r) in zip(feats, weights, biases, real_grads):
+        ce = F.cross_entropy(F.linear(f, w, b), labels)
+        grad_w, grad_b = torch.autograd.grad(ce, [w, b], create_graph=True)
+        syn = torch.cat([grad_w.flatten(), grad_b])
+        real = torch.cat([g_r.flatten(), gb_r])
+        loss = loss + (1 - F.cosine_similarity(syn, real, dim=0))
+    return loss
+
+
+def setup_grad_cosine(n, c, d, num_backbones, dtype, device, providers, seed=0):
+    """Inputs and one loss closure per provider; each closure returns the loss (its graph attached)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    labels = torch.randint(0, c, (n,), generator=gen).to(device)
+    real_labels = torch.randint(0, c, (n,), generator=gen).to(device)
+    feats, weights, biases, real_grads = [], [], [], []
+    for _ in range(num_backbones):
+        weights.append((0.01 * torch.randn(c, d, generator=gen)).to(device, dtype))
+        biases.append(torch.zeros(c, device=device, dtype=dtype))
+        feats.append(torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_())
+        real = torch.randn(n, d, generator=gen).to(device, dtype)
+        real_grads.append(reference.linear_head_grad(real, real_labels, weights[-1], biases[-1]))
+    # the published code draws a fresh head with requires_grad every step; here the leaves are made once
+    head_leaves = [w.clone().requires_grad_() for w in weights], [b.clone().requires_grad_() for b in biases]
+    closures = {
+        "eager": lambda: _eager_loss(feats, labels, *head_leaves, real_grads),
+        "closed_form": lambda: reference.grad_cosine_loss(feats, labels, weights, biases, real_grads),
+        "triton": lambda: kernel.grad_cosine_loss(feats, labels, weights, biases, real_grads, backend="triton"),
+    }
+    inputs = [labels, *feats, *weights, *biases, *head_leaves[0], *head_leaves[1], *(t for p in real_grads for t in p)]
+    return feats, inputs, {name: closures[name] for name in providers}
+
+
+def saved_mib(loss_fn, inputs) -> float:
+    """MiB the loss's autograd graph holds for the backward, inputs excluded: the memory that stays alive between
+    forward and backward (deterministic; on CPU host RSS hardly moves for tensors this size)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return total / 2**20
+
+
+def _mode_fn(loss_fn, feats, mode):
+    if mode == "forward":
+        return loss_fn
+
+    def full():
+        torch.autograd.grad(loss_fn(), feats)
+    return full
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    providers = [p for p in args.providers if p != "triton" or device.type == "cuda"]
+    if len(providers) < len(args.providers):
+        print("triton skipped: it runs on CUDA only (the CPU interpreter measures nothing useful)")
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for num_backbones in args.backbones:
+        for n in args.batches:
+            for c in args.classes:
+                for d in args.dims:
+                    shape = f"M={num_backbones} N={n} C={c} D={d}"
+                    feats, inputs, closures = setup_grad_cosine(n, c, d, num_backbones, dtype, device, providers)
+                    for mode in args.modes:
+                        results = {name: [] for name in closures}
+                        for r in range(args.rounds):
+                            # providers alternate, in a rotated order, so drift and steal hit all of them alike
+                            order = list(closures)[r % len(closures):] + list(closures)[:r % len(closures)]
+                            for name in order:
+                                fn = _mode_fn(closures[name], feats, mode)
+                                results[name].append(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
+                        for name, runs in results.items():
+                            row = {"kernel": "grad_cosine", "provider": name, "mode": mode, "shape": shape,
+                                   "dtype": args.dtype, "M": num_backbones, "N": n, "C": c, "D": d}
+                            for key in ("ms_p50", "ms_p20", "ms_p80"):
+                                row[key] = statistics.median(run_[key] for run_ in runs)
+                            row["peak_mib"] = max(run_["peak_mib"] for run_ in runs)
+                            row["saved_mib"] = saved_mib(closures[name], inputs)
+                            rows.append(row)
+                        print(f"{shape} {mode}: " + ", ".join(
+                            f"{r['provider']} {r['ms_p50']:.3g} ms" for r in rows[-len(results):]), flush=True)
+    rows = add_ratios(rows)
+    eager = {(r["shape"], r["mode"]): r["saved_mib"] for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        base = eager[(r["shape"], r["mode"])]
+        r["saved_ratio"] = r["saved_mib"] / base if base > 0 else float("nan")
+    return rows
+
+
+def main(argv=None):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default=device, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--classes", type=int, nargs="+", help="C values (default: 10 100 1000)")
+    parser.add_argument("--dims", type=int, nargs="+", help="D values (default: 384 768 1536; CPU 384 1536)")
+    parser.add_argument("--batches", type=int, nargs="+", help="N values, synthetic views (default: 100 512)")
+    parser.add_argument("--backbones", type=int, nargs="+", help="numbers of backbones M (default: 1 3)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="feature and head dtype")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "full"],
+                        help="full = forward + backward to the features (what a step pays); forward = loss only")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per provider; medians over rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per round (compile, autotune)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a shared, oversubscribed CPU")
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if "eager" not in args.providers:
+        parser.error("--providers must include eager: speed and memory are ratios to it")
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    print_table(rows, ["shape", "dtype", "mode", "provider", "ms_p50", "ms_p20", "ms_p80", "speedup", "peak_mib",
+                       "memory_ratio", "saved_mib", "saved_ratio"])
+    path = write_results("grad_cosine", rows, torch.device(args.device), out_dir=args.out_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
