@@ -1,0 +1,103 @@
+"""Every loader yields the dataset's exact pixels and labels, in a (seed, epoch)-determined order; missing extras
+fail with the extra to install. ffcv and dali tests are skipped when the extra is not installed."""
+import sys
+
+import pytest
+import torch
+
+from fastdistill.data import ImageDataset, build_loader
+
+N, BATCH = 37, 8  # 37 = 4 full batches of 8 and a last one of 5
+
+
+def make_dataset(channels: int = 3, n: int = N) -> ImageDataset:
+    """Random uint8 images whose pixel (0, 0) holds the sample index, so a batch tells which samples it holds."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, channels, 5, 7), dtype=torch.uint8, generator=g)
+    images[:, :, 0, 0] = torch.arange(n, dtype=torch.uint8)[:, None]
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageDataset(labels=labels, classes=[str(c) for c in range(10)], images=images, name=f"synthetic{channels}")
+
+
+def sample_ids(batches) -> torch.Tensor:
+    return torch.cat([images[:, 0, 0, 0] for images, _ in batches]).long()
+
+
+@pytest.fixture(params=["torch", "ffcv", "dali"])
+def loader_name(request):
+    module = {"ffcv": "ffcv", "dali": "nvidia.dali"}.get(request.param)
+    if module:
+        pytest.importorskip(module)
+    return request.param
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_one_epoch_is_the_dataset(loader_name, channels):
+    ds = make_dataset(channels)
+    batches = list(build_loader(loader_name, ds, BATCH, shuffle=False).epoch(0))
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64, (images.dtype, labels.dtype)
+    assert labels.shape == (N,), labels.shape
+    torch.testing.assert_close(images, ds.images, rtol=0, atol=0, msg=f"{loader_name}: pixels of one epoch")
+    torch.testing.assert_close(labels, ds.labels, rtol=0, atol=0, msg=f"{loader_name}: labels of one epoch")
+
+
+def test_shuffle_keeps_every_sample_once(loader_name):
+    ds = make_dataset()
+    batches = list(build_loader(loader_name, ds, BATCH, shuffle=True, seed=1).epoch(0))
+    ids = sample_ids(batches)
+    assert not torch.equal(ids, torch.arange(N)), f"{loader_name}: shuffle=True kept the dataset order"
+    torch.testing.assert_close(ids.sort().values, torch.arange(N), msg=f"{loader_name}: samples of a shuffled epoch")
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    torch.testing.assert_close(images, ds.images[ids], rtol=0, atol=0, msg=f"{loader_name}: shuffled pixels")
+    torch.testing.assert_close(labels, ds.labels[ids], rtol=0, atol=0, msg=f"{loader_name}: shuffled labels")
+
+
+@pytest.mark.parametrize("drop_last, batches, last", [(False, 5, 5), (True, 4, BATCH)])
+def test_len_and_drop_last(loader_name, drop_last, batches, last):
+    loader = build_loader(loader_name, make_dataset(), BATCH, shuffle=True, drop_last=drop_last)
+    sizes = [len(labels) for _, labels in loader.epoch(0)]
+    assert len(loader) == batches, f"{loader_name}: len() with drop_last={drop_last}"
+    assert len(sizes) == batches and sizes[-1] == last, f"{loader_name}: batch sizes {sizes}"
+
+
+def test_order_is_a_function_of_seed_and_epoch(loader_name):
+    ds = make_dataset()
+    first, second = (build_loader(loader_name, ds, BATCH, shuffle=True, seed=7) for _ in range(2))
+    torch.testing.assert_close(sample_ids(first.epoch(3)), sample_ids(second.epoch(3)),
+                               msg=f"{loader_name}: order of (seed 7, epoch 3) across two loaders")
+    assert not torch.equal(sample_ids(first.epoch(3)), sample_ids(first.epoch(4))), f"{loader_name}: epochs 3 and 4"
+    other_seed = build_loader(loader_name, ds, BATCH, shuffle=True, seed=8)
+    assert not torch.equal(sample_ids(first.epoch(3)), sample_ids(other_seed.epoch(3))), f"{loader_name}: seeds 7, 8"
+
+
+@pytest.mark.parametrize("start", [1, 4])
+def test_start_skips_batches(loader_name, start):
+    loader = build_loader(loader_name, make_dataset(), BATCH, shuffle=True, seed=2)
+    full = list(loader.epoch(5))
+    resumed = list(loader.epoch(5, start=start))
+    assert len(resumed) == len(full) - start, f"{loader_name}: batches after start={start}"
+    for (images, labels), (ref_images, ref_labels) in zip(resumed, full[start:]):
+        torch.testing.assert_close(images, ref_images, rtol=0, atol=0, msg=f"{loader_name}: pixels after start={start}")
+        torch.testing.assert_close(labels, ref_labels, rtol=0, atol=0, msg=f"{loader_name}: labels after start={start}")
+
+
+def test_dali_order_is_torch_order():
+    pytest.importorskip("nvidia.dali")
+    ds = make_dataset()
+    torch_ids = sample_ids(build_loader("torch", ds, BATCH, shuffle=True, seed=3).epoch(2))
+    dali_ids = sample_ids(build_loader("dali", ds, BATCH, shuffle=True, seed=3).epoch(2))
+    torch.testing.assert_close(dali_ids, torch_ids, msg="dali vs torch: sample order of (seed 3, epoch 2)")
+
+
+@pytest.mark.parametrize("name, module", [("ffcv", "ffcv"), ("dali", "nvidia.dali")])
+def test_missing_extra_names_it(monkeypatch, name, module):
+    loader_module = f"fastdistill.data.{name}_loader"
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    # re-import the loader module under the block; setitem first so teardown restores (or removes) it
+    monkeypatch.setitem(sys.modules, loader_module, None)
+    del sys.modules[loader_module]
+    with pytest.raises(ModuleNotFoundError, match=rf"pip install 'fastdistill\[{name}\]'"):
+        build_loader(name, make_dataset(), BATCH)
