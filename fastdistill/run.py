@@ -61,9 +61,13 @@ def with_preset(overrides: list[str]) -> list[str]:
 def compose(overrides: list[str]) -> DictConfig:
     """The run config for these overrides, as the command line composes it (for tests and notebooks)."""
     from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    overrides = with_preset(list(overrides))
+    if GlobalHydra.instance().is_initialized():  # inside a running app (a recipe composing a teacher's config)
+        return hydra_compose("config", overrides=overrides)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose("config", overrides=with_preset(list(overrides)))
+        return hydra_compose("config", overrides=overrides)
 
 
 def check_common(cfg: DictConfig) -> None:

@@ -25,13 +25,14 @@ def to_input(x: torch.Tensor, size: tuple[int, int] | None = None, channels: int
 
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Differentiable per-sample random-resized-crop via ``affine_grid``/``grid_sample`` (bilinear).
+                        generator: torch.Generator | None = None, per_sample: bool = True) -> torch.Tensor:
+    """Differentiable random-resized-crop via ``affine_grid``/``grid_sample`` (bilinear).
 
+    One window per sample, or one for the whole batch with ``per_sample=False`` (SRe2L/FADRM recovery).
     Every window lies inside the image: the published LGM augmentation lets about 14 % of windows leave
     it and pads zeros (METHODS.md), which this clamps away.
     """
-    n = x.shape[0]
+    n = x.shape[0] if per_sample else 1
     dev = x.device
     area = torch.empty(n, device="cpu").uniform_(scale[0], scale[1], generator=generator)
     log_r = torch.empty(n, device="cpu").uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -43,7 +44,8 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta.to(dev, x.dtype), [n, x.shape[1], *size], align_corners=False)
+    theta = theta.expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta.to(dev, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

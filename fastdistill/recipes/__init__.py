@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 RECIPES = {
+    "fadrm": "fastdistill.recipes.fadrm",
     "teacher": "fastdistill.recipes.teacher",
 }
 

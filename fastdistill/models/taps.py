@@ -1,0 +1,56 @@
+"""Taps: forward hooks that read what a frozen backbone computes inside (BN inputs, attention rows)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastdistill.kernels.bn_stats import bn_stats_loss
+from fastdistill.models.backbone import Backbone
+
+
+class BNStatsTap:
+    """BN-statistics matching on every BN layer of a frozen teacher (SRe2L / FADRM recovery loss).
+
+    Inside ``with tap.collect():`` every forward pass records its BN terms; ``loss()`` then returns ``sum_l m_l (||var_l - running_var_l||_2 + ||mean_l - running_mean_l||_2)``
+    with ``m_l = first_multiplier`` for the first BN layer (the stem) and 1 elsewhere (Cui et al. 2025,
+    ``recover/utils_recover.py``). Each term is the fused ``bn_stats`` kernel: fp32 statistics in one pass,
+    only the BN input saved for the backward (the published hook's ``.contiguous()`` keeps a second copy).
+    """
+
+    def __init__(self, backbone: Backbone, first_multiplier: float = 10.0, backend: str = "auto"):
+        self.layers = backbone.bn_layers()
+        if not self.layers:
+            raise ValueError(f"{backbone.spec.name} has no batch-norm layers: BN-statistics matching needs a BN "
+                             f"teacher (ResNet, MobileNet, EfficientNet, ...)")
+        self.multipliers = [first_multiplier] + [1.0] * (len(self.layers) - 1)
+        self.backend = backend
+        self.terms: list[torch.Tensor] = []
+        self.active = False  # other forwards of the teacher (scoring, relabelling) record nothing
+        self.handles = [bn.register_forward_hook(self._hook) for _, bn in self.layers]
+
+    @contextlib.contextmanager
+    def collect(self):
+        self.active, self.terms = True, []
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def _hook(self, module, inputs, output):
+        if self.active:
+            self.terms.append(bn_stats_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend))
+
+    def loss(self) -> torch.Tensor:
+        """The weighted sum over the last forward pass (fp32 scalar); clears the collected terms."""
+        if len(self.terms) != len(self.layers):
+            raise RuntimeError(f"BNStatsTap saw {len(self.terms)} BN inputs for {len(self.layers)} layers: "
+                               f"call loss() once after each forward")
+        total = sum(m * t for m, t in zip(self.multipliers, self.terms))
+        self.terms = []
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.terms = []

@@ -1,0 +1,372 @@
+"""FADRM and FADRM+ (``+method=fadrm``): Fast and Accurate Data Residual Matching (Cui et al. 2025,
+arXiv 2506.24125), with SRe2L and RDED-style baselines from the same code (``method.variant``).
+
+Synthetic images are recovered from a frozen BN teacher, batch by batch (one image per class per ipc
+index), minimising
+
+    L = CE(teacher(A(x)), y) + r_bn * sum_l m_l (||var_l(A(x)) - running_var_l||_2 + ||mean_l - running_mean_l||_2)
+
+with Adam(betas 0.5, 0.9) on the pixels, one cosine lr schedule over all stages, one random-resized-crop and
+flip per iteration for the whole batch plus a random roll, pixels clipped after every step.
+- MRO: the budget is split into stages of alternating resolution (``stage_sizes``).
+- ARC: after every stage but the last, ``x <- a x + (1 - a) Resample(P_s, next size)`` with P_s the real
+  patches the images started from; the last stage recovers without the residual.
+- MPT: ``precision=fp16`` (GPU) runs the teacher, logits and CE under autocast with a GradScaler; the BN
+  statistics, their norms, the pixels and Adam's state stay fp32.
+- FADRM+: several teachers, one per iteration in round-robin; relabelling averages their logits.
+The set is judged by training students from scratch on it with the teachers' soft labels, next to the same
+number of random real images per class (``eval/student.py``).
+
+Keys that matter: ``ipc``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
+``method.stage_iterations``, ``method.residual_alpha``, ``method.lr``, ``method.r_bn``.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import Precision, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.eval.student import StudentConfig, teacher_logits, train_student
+from fastdistill.kernels.bn_stats import arc_update
+from fastdistill.models import Backbone, create_backbone
+from fastdistill.models.taps import BNStatsTap
+from fastdistill.profiling import Profiler
+
+VARIANTS = ("fadrm", "sre2l", "rded")
+
+
+class FADRMRecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        if m.variant not in VARIANTS:
+            raise ValueError(f"unknown method.variant {m.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if m.init not in ("patches", "noise"):
+            raise ValueError(f"method.init must be patches or noise, got {m.init!r}")
+        if m.relabel not in ("online", "store"):
+            raise ValueError(f"method.relabel must be online or store, got {m.relabel!r}")
+        if not m.teachers:
+            raise ValueError("method.teachers is empty; name at least one BN teacher, e.g. [timm:resnet18]")
+        if not m.stage_sizes:
+            raise ValueError("method.stage_sizes needs at least one stage")
+        if not 0.0 <= m.residual_alpha <= 1.0:
+            raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
+        if m.patches_per_side < 1 or m.ipc_per_batch < 1 or m.stage_iterations < 0:
+            raise ValueError("method.patches_per_side and method.ipc_per_batch must be >= 1, "
+                             "method.stage_iterations >= 0")
+        weights = m.teacher_weights
+        if not isinstance(weights, str) and len(weights) != len(m.teachers):
+            raise ValueError(f"method.teacher_weights has {len(weights)} entries for {len(m.teachers)} teachers")
+        self.cfg = cfg
+        # the baselines are this method with parts switched off (one switch for the user)
+        self.init = "noise" if m.variant == "sre2l" else m.init
+        self.residual = m.variant == "fadrm"
+        self.optimize = m.variant != "rded"
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        self.profiler = Profiler(self.device)
+        splits = build_dataset(cfg.data)
+        self.train_set, self.test_set = splits["train"], splits["test"]
+        self.classes = self.train_set.classes
+        self.num_classes = len(self.classes)
+        self.image_size = tuple(self.train_set.image_size)
+        self.channels = self.train_set.channels
+        with self.profiler.phase("teachers"):
+            self.teachers, self.teacher_cards = self._load_teachers()
+        for t in self.teachers:
+            t.to(self.device)
+        self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
+        # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
+        spec = self.teachers[0].spec
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+        if self.channels == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        self.mean = mean.view(1, -1, 1, 1).to(self.device)
+        self.std = std.view(1, -1, 1, 1).to(self.device)
+        self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
+        self.sizes = [tuple(self.image_size) if s is None else (int(s), int(s)) for s in m.stage_sizes]
+        if m.variant == "sre2l":  # SRe2L: one resolution
+            self.sizes = [tuple(self.image_size)] * len(self.sizes)
+        self.n_images = self.num_classes * cfg.ipc
+        self.images = torch.zeros(self.n_images, self.channels, *self.image_size)  # pixels [0, 1], class-major
+        self.labels = torch.arange(self.num_classes).repeat_interleave(cfg.ipc)
+        self.batches_done = 0
+        self.history = []  # recovery loss at the start and end of every batch
+        self.inner = None  # state of the batch in progress (for mid-batch resume)
+        if cfg.resume:
+            self.load_checkpoint()
+        else:
+            with self.profiler.phase("init", images=self.n_images):
+                self.patches = self.init_images()
+
+    def _load_teachers(self) -> tuple[list[Backbone], list[dict]]:
+        """Frozen teachers: trained on this data by the teacher recipe (cached), from the hub, or files.
+        The teacher's class order must be the dataset's: mismatched indices are the most reported reason
+        published numbers fail to reproduce."""
+        from fastdistill.recipes import teacher as teacher_recipe
+
+        m = self.cfg.method
+        weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
+        teachers, cards = [], []
+        for name, w in zip(m.teachers, weights):
+            if w == "trained":
+                folder = ensure_trained_teacher(name, self.cfg)
+                model, card = teacher_recipe.load_teacher(folder)
+                if card["classes"] != list(self.classes):
+                    raise ValueError(f"teacher {name} was trained with classes {card['classes'][:5]}... but the "
+                                     f"dataset has {list(self.classes)[:5]}...: class indices would not match")
+            else:
+                model = create_backbone(name, pretrained=w, num_classes=self.num_classes).freeze()
+                card = {"model": name, "weights": w, "classes": None}
+                if model.spec.num_classes != self.num_classes:
+                    raise ValueError(f"teacher {name} predicts {model.spec.num_classes} classes, the dataset has "
+                                     f"{self.num_classes}")
+            teachers.append(model)
+            cards.append({k: v for k, v in card.items() if k != "history"})
+        return teachers, cards
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_images(self) -> torch.Tensor:
+        """P_s: selected real patches (RDED-style), or Gaussian noise for SRe2L; pixels (N, C, H, W)."""
+        if self.init == "noise":
+            z = torch.randn(self.n_images, self.channels, *self.image_size)
+            return (z.to(self.device) * self.std + self.mean).clamp(0, 1).cpu()  # N(0, 1) in normalised space
+        return self.select_patches()
+
+    @torch.no_grad()
+    def select_patches(self) -> torch.Tensor:
+        """For every class, random-resized crops of real images scored by the teachers' cross-entropy (lower is
+        more typical); the best ``ipc * factor^2`` are stitched ``factor x factor`` per image (RDED, Sun et al.
+        2024). The published FADRM ships these images pre-made; this selection is fastdistill's own."""
+        m, ipc = self.cfg.method, self.cfg.ipc
+        factor = m.patches_per_side
+        h, w = self.image_size
+        ph, pw = h // factor, w // factor
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        out = []
+        for c in range(self.num_classes):
+            idx = (self.train_set.labels == c).nonzero().flatten()
+            idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
+            real = to_input(self.train_set.load_all()[idx].to(self.device), self.image_size, self.channels)
+            crops = torch.cat([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale), generator=g)
+                               for _ in range(m.crops_per_image)])
+            logits = torch.cat([teacher_logits(self.teachers, crops[i:i + 256], self.precision)
+                                for i in range(0, len(crops), 256)])
+            ce = F.cross_entropy(logits, torch.full((len(crops),), c, device=self.device), reduction="none")
+            need = ipc * factor * factor
+            if len(crops) < need:
+                raise ValueError(f"class {self.classes[c]!r}: {len(crops)} candidate crops for {need} patches; raise "
+                                 f"method.candidates_per_class or method.crops_per_image")
+            best = crops[ce.argsort()[:need]]
+            if factor > 1:
+                best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
+                best = best.view(ipc, factor, factor, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+                best = F.interpolate(best.reshape(ipc, self.channels, factor * ph, factor * pw), size=(h, w),
+                                     mode="bilinear", align_corners=False)
+            out.append(best.cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ recovery
+    def train(self) -> None:
+        m, ipc = self.cfg.method, self.cfg.ipc
+        if not self.optimize:
+            self.images = self.patches.clone()
+            return
+        groups = [list(range(k, min(k + m.ipc_per_batch, ipc))) for k in range(0, ipc, m.ipc_per_batch)]
+        total = len(groups) * len(self.sizes) * m.stage_iterations
+        with console.progress(self.cfg.progress) as bar, self.profiler.phase("recover", images=self.n_images):
+            task = bar.add_task(f"{m.variant} ipc {ipc}", total=total,
+                                completed=self.batches_done * len(self.sizes) * m.stage_iterations, info="")
+            for b in range(self.batches_done, len(groups)):
+                index = torch.tensor([c * ipc + k for k in groups[b] for c in range(self.num_classes)])
+                self.images[index] = self.recover_batch(index, bar, task)
+                self.batches_done = b + 1
+                self.inner = None
+                self.save_checkpoint()
+
+    def recover_batch(self, index: torch.Tensor, bar, task) -> torch.Tensor:
+        """Recover the images ``index`` (one batch) through every stage; returns pixels at full size."""
+        m = self.cfg.method
+        iters = m.stage_iterations
+        lr = cosine_schedule(m.lr, 0.0, len(self.sizes) * iters)  # one schedule over all stages, no warm-up
+        y = self.labels[index].to(self.device)
+        patches = self.patches[index].to(self.device)
+        patches_norm = (patches - self.mean) / self.std
+        if self.inner is not None:  # resumed mid-batch
+            stage0, it0 = self.inner["stage"], self.inner["iteration"]
+            x = self.inner["x"].to(self.device)
+        else:
+            stage0, it0 = 0, 0
+            x = F.interpolate(patches_norm, size=self.sizes[0], mode="bilinear", align_corners=False)
+        every = self.cfg.checkpoint_every
+        losses = []  # kept on the device; read once per batch
+        for s in range(stage0, len(self.sizes)):
+            x = x.detach().requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=m.lr, betas=tuple(m.betas))  # re-created at every stage (published)
+            if self.inner is not None and s == stage0:
+                opt.load_state_dict(self.inner["optimizer"])
+                self.inner = None
+            for it in range(it0 if s == stage0 else 0, iters):
+                step = s * iters + it
+                for group in opt.param_groups:
+                    group["lr"] = float(lr[step])
+                loss = self.recovery_loss(x, y, step)
+                opt.zero_grad(set_to_none=True)
+                self.precision.backward(loss)
+                self.precision.step(opt)
+                losses.append(loss.detach())
+                with torch.no_grad():  # pixels stay in the valid range
+                    x.data = torch.maximum(torch.minimum(x, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
+                bar.update(task, advance=1)
+                if every and (step + 1) % every == 0 and it + 1 < iters:
+                    self.inner = {"stage": s, "iteration": it + 1, "x": x.detach().cpu(), "optimizer": opt.state_dict()}
+                    self.save_checkpoint()
+                    self.inner = None
+            if s == len(self.sizes) - 1:
+                break
+            nxt = self.sizes[s + 1]
+            with torch.no_grad():
+                x = F.interpolate(x.detach(), size=nxt, mode="bilinear", align_corners=False) \
+                    if tuple(x.shape[-2:]) != nxt else x.detach()
+                if self.residual:  # ARC, fused with the clip to the valid range
+                    p = F.interpolate(patches_norm, size=nxt, mode="bilinear", align_corners=False)
+                    x = arc_update(x.contiguous(), p.contiguous(), m.residual_alpha, self.lo, self.hi,
+                                   backend=self.cfg.kernels)
+        if losses:
+            curve = torch.stack(losses).cpu()
+            k = max(1, min(5, len(curve) // 4))
+            self.history.append({"batch": self.batches_done, "loss_first": curve[:k].mean().item(),
+                                 "loss_last": curve[-k:].mean().item()})
+        with torch.no_grad():
+            x = x.detach()
+            if tuple(x.shape[-2:]) != tuple(self.image_size):
+                x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+            return (x * self.std + self.mean).clamp(0, 1).cpu()
+
+    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch."""
+        m = self.cfg.method
+        k = step % len(self.teachers)
+        size = tuple(x.shape[-2:])
+        a = random_resized_crop(x, size, scale=tuple(m.crop_scale), per_sample=False)
+        if self.cfg.data.get("hflip", True) and torch.rand(()) < 0.5:
+            a = a.flip(-1)
+        if m.roll:
+            dx, dy = torch.randint(0, m.roll + 1, (2,)).tolist()
+            a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
+        pixels = a * self.std + self.mean
+        with self.precision.autocast(), self.taps[k].collect():
+            logits = self.teachers[k](pixels)
+        ce = F.cross_entropy(logits.float(), y)
+        bn = self.taps[k].loss()
+        loss = ce + m.r_bn * bn
+        if not torch.isfinite(loss):  # a sync, but recovery with a NaN is wasted work
+            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {ce.item()}, bn {bn.item()}")
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        cfg, e = self.cfg, self.cfg.method.eval
+        scfg = StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
+                             final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
+                             crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        sets = {"synthetic": self.images}
+        if e.real_random:
+            g = torch.Generator().manual_seed(cfg.seed)
+            idx = self.train_set.per_class(cfg.ipc, g)
+            sets["real_random"] = to_input(self.train_set.load_all()[idx], self.image_size, self.channels)
+        students = {}
+        with self.profiler.phase("evaluate"):
+            for i, arch in enumerate(e.students):
+                students[arch] = {}
+                for name, images in sets.items():
+                    # the same seed for both sets: the same initial student and augmentation stream
+                    r = train_student(arch, images, self.labels, self.teachers, self.test_set, self.image_size, scfg,
+                                      self.device, self.precision, seed=cfg.seed + 1000 * i)
+                    students[arch][name] = r["test_acc"]
+        return students
+
+    # ------------------------------------------------------------------ checkpoint and artifacts
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.out.path, {"images": self.images, "patches": self.patches,
+                                        "batches_done": self.batches_done, "inner": self.inner,
+                                        "history": self.history,
+                                        "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
+
+    def load_checkpoint(self) -> None:
+        state = load_checkpoint(self.out.path)
+        if state is None:
+            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
+        if state["config"] != OmegaConf.to_container(self.cfg.method, resolve=True):
+            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another method config")
+        self.images, self.patches = state["images"], state["patches"]
+        self.batches_done, self.inner = state["batches_done"], state["inner"]
+        self.history = state["history"]
+
+    def save(self, students: dict) -> dict:
+        cfg = self.cfg
+        self.out.save_images(self.images, self.labels, self.classes)
+        self.out.save_preview(self.images, nrow=cfg.ipc if cfg.ipc > 1 else self.num_classes)
+        if cfg.method.relabel == "store":
+            with torch.no_grad():
+                x = self.images.to(self.device)
+                logits = teacher_logits(self.teachers, x, self.precision)
+            self.out.save_tensors("labels.safetensors", {"logits": logits.half(), "labels": self.labels},
+                                  metadata={"classes": json.dumps(self.classes)})
+        recover_s = self.profiler.seconds.get("recover", 0.0)
+        metrics = {"students": students, "ipc": cfg.ipc, "variant": cfg.method.variant,
+                   "teachers": list(cfg.method.teachers), "recovery": self.history,
+                   "seconds_per_image": recover_s / self.n_images if recover_s else 0.0}
+        self.out.write_json("metrics.json", metrics)
+        self.out.write_manifest(cfg, self.device, teachers=self.teacher_cards, classes=self.classes,
+                                variant=cfg.method.variant)
+        self.out.write_json("profile.json", self.profiler.report())
+        return metrics
+
+    def cleanup(self) -> None:
+        for tap in self.taps:
+            tap.remove()
+
+
+def ensure_trained_teacher(model: str, cfg: DictConfig):
+    """The cache folder of ``model`` trained on ``cfg.data`` by the teacher recipe, training it if needed."""
+    from fastdistill.recipes import teacher as teacher_recipe
+    from fastdistill.run import compose
+
+    tcfg = compose(["+method=teacher", f"preset={cfg.method.teacher_preset}", f"model={model}",
+                    f"seed={cfg.seed}", f"device={cfg.device}", f"precision={cfg.precision}",
+                    f"progress={cfg.progress}", f"loader={cfg.loader}"])
+    tcfg.data = cfg.data
+    tcfg.out = str(teacher_recipe.cache_root() / "runs" / teacher_recipe.config_hash(tcfg))
+    folder = teacher_recipe.cache_root() / "teachers" / teacher_recipe.config_hash(tcfg)
+    if not (folder / teacher_recipe.CARD).is_file():
+        teacher_recipe.main(tcfg)
+    return folder
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = FADRMRecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    recipe.train()
+    students = recipe.evaluate()
+    metrics = recipe.save(students)
+    recipe.cleanup()
+    rows = [[arch, r["synthetic"], r.get("real_random", float("nan"))] for arch, r in students.items()]
+    console.print_results(f"{cfg.method.variant} ipc {cfg.ipc} on {cfg.data.name}: student test accuracy",
+                          ["student", cfg.method.variant, "random real"], rows, recipe.out.path)
+    return metrics
