@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -30,7 +31,7 @@ def print_results(title: str, columns: list[str], rows: list[list], out_dir) -> 
     sys.stdout.flush()
 
 
-def fail(error: BaseException) -> "NoReturn":  # noqa: F821
+def fail(error: BaseException) -> NoReturn:
     """One line on stderr naming the problem, exit code 2 (no traceback for user errors)."""
     msg = str(error).strip().splitlines()[0] if str(error).strip() else ""
     print(f"{type(error).__name__}: {msg}", file=sys.stderr)
