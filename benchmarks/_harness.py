@@ -128,3 +128,43 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def saved_mib(loss_fn: Callable[[], torch.Tensor], inputs) -> float:
+    """MiB of distinct storages the loss's autograd graph saves for the backward, the inputs' own excepted: the
+    memory alive between forward and backward (deterministic, where host RSS hardly moves on CPU)."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return sum(saved.values()) / 2**20
+
+
+def mode_fn(loss_fn: Callable[[], torch.Tensor], inputs, mode: str) -> Callable[[], object]:
+    """The closure timed for ``mode``: ``forward`` (the loss alone) or ``full`` (loss and its input gradients)."""
+    if mode == "forward":
+        return loss_fn
+
+    def full():
+        torch.autograd.grad(loss_fn(), inputs)
+    return full
+
+
+def measure_alternating(closures: dict[str, Callable], device: torch.device, rounds: int, warmup: int,
+                        repeats: int) -> dict[str, dict]:
+    """:func:`measure` every provider ``rounds`` times in a rotated order, so drift and CPU steal hit all of
+    them alike; medians of the rounds' quantiles and the largest peak."""
+    names = list(closures)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(measure(closures[name], device, warmup=warmup, repeats=repeats))
+    return {name: {**{k: statistics.median(x[k] for x in rs) for k in ("ms_p50", "ms_p20", "ms_p80")},
+                   "peak_mib": max(x["peak_mib"] for x in rs)} for name, rs in runs.items()}

@@ -18,7 +18,6 @@ one image and N is set to --batch. saved_mib counts what the autograd graph keep
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 # run as a script, sys.path holds benchmarks/ but not the repository root that `benchmarks._harness` needs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._harness import add_ratios, measure, print_table, write_results  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    add_ratios, measure_alternating, mode_fn, print_table, saved_mib, write_results)
 from fastdistill.kernels import bn_stats as kernel  # noqa: E402
 
 PROVIDERS = ("eager", "torch_fused", "triton")
@@ -82,31 +82,6 @@ def setup_bn_stats(layers, batch, layout, dtype, device, providers, seed=0):
     return inputs, closures
 
 
-def saved_mib(loss_fn, inputs) -> float:
-    """MiB of distinct storages the autograd graph saves for the backward, the inputs' own storage excepted."""
-    own = {x.untyped_storage().data_ptr() for x in inputs}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn()
-    return sum(saved.values()) / 2**20
-
-
-def _mode_fn(loss_fn, inputs, mode):
-    if mode == "forward":
-        return loss_fn
-
-    def full():
-        torch.autograd.grad(loss_fn(), inputs)
-    return full
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     providers = [p for p in args.providers if p != "triton" or device.type == "cuda"]
@@ -123,22 +98,13 @@ def run(args) -> list[dict]:
             inputs, closures = setup_bn_stats(layers, args.batch, layout, dtype, device, providers)
             saved = {name: saved_mib(fn, inputs) for name, fn in closures.items()}
             for mode in args.modes:
-                results = {name: [] for name in closures}
-                for r in range(args.rounds):
-                    # providers alternate, in a rotated order, so drift and steal hit all of them alike
-                    order = list(closures)[r % len(closures):] + list(closures)[:r % len(closures)]
-                    for name in order:
-                        fn = _mode_fn(closures[name], inputs, mode)
-                        results[name].append(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
-                for name, runs in results.items():
-                    row = {"kernel": "bn_stats", "provider": name, "mode": mode, "shape": shape, "layout": layout,
-                           "dtype": args.dtype, "arch": args.arch, "batch": args.batch, "resolution": resolution,
-                           "bn_layers": len(layers), "elements": elements, "bn_shapes": bn_shapes}
-                    for key in ("ms_p50", "ms_p20", "ms_p80"):
-                        row[key] = statistics.median(run_[key] for run_ in runs)
-                    row["peak_mib"] = max(run_["peak_mib"] for run_ in runs)
-                    row["saved_mib"] = saved[name]
-                    rows.append(row)
+                results = measure_alternating({n: mode_fn(fn, inputs, mode) for n, fn in closures.items()}, device,
+                                              args.rounds, args.warmup, args.repeats)
+                for name, stats in results.items():
+                    rows.append({"kernel": "bn_stats", "provider": name, "mode": mode, "shape": shape,
+                                 "layout": layout, "dtype": args.dtype, "arch": args.arch, "batch": args.batch,
+                                 "resolution": resolution, "bn_layers": len(layers), "elements": elements,
+                                 "bn_shapes": bn_shapes, **stats, "saved_mib": saved[name]})
                 print(f"{shape} {layout} {mode}: " + ", ".join(
                     f"{r['provider']} {r['ms_p50']:.3g} ms" for r in rows[-len(results):]), flush=True)
     return add_ratios(rows, key=("shape", "layout", "mode", "dtype"))

@@ -16,7 +16,6 @@ The real-side gradients are computed once, outside the timed region (they carry 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 # run as a script, sys.path holds benchmarks/ but not the repository root that `benchmarks._harness` needs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._harness import add_ratios, measure, print_table, write_results  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    add_ratios, measure_alternating, mode_fn, print_table, saved_mib, write_results)
 from fastdistill.kernels import grad_cosine as kernel  # noqa: E402
 from fastdistill.losses import grad_cosine as reference  # noqa: E402
 
@@ -73,34 +73,6 @@ def setup_grad_cosine(n, c, d, num_backbones, dtype, device, providers, seed=0):
     return feats, inputs, {name: closures[name] for name in providers}
 
 
-def saved_mib(loss_fn, inputs) -> float:
-    """MiB the loss's autograd graph holds for the backward, inputs excluded: the memory that stays alive between
-    forward and backward (deterministic; on CPU host RSS hardly moves for tensors this size)."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn()
-    return total / 2**20
-
-
-def _mode_fn(loss_fn, feats, mode):
-    if mode == "forward":
-        return loss_fn
-
-    def full():
-        torch.autograd.grad(loss_fn(), feats)
-    return full
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     providers = [p for p in args.providers if p != "triton" or device.type == "cuda"]
@@ -115,21 +87,12 @@ def run(args) -> list[dict]:
                     shape = f"M={num_backbones} N={n} C={c} D={d}"
                     feats, inputs, closures = setup_grad_cosine(n, c, d, num_backbones, dtype, device, providers)
                     for mode in args.modes:
-                        results = {name: [] for name in closures}
-                        for r in range(args.rounds):
-                            # providers alternate, in a rotated order, so drift and steal hit all of them alike
-                            order = list(closures)[r % len(closures):] + list(closures)[:r % len(closures)]
-                            for name in order:
-                                fn = _mode_fn(closures[name], feats, mode)
-                                results[name].append(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
-                        for name, runs in results.items():
-                            row = {"kernel": "grad_cosine", "provider": name, "mode": mode, "shape": shape,
-                                   "dtype": args.dtype, "M": num_backbones, "N": n, "C": c, "D": d}
-                            for key in ("ms_p50", "ms_p20", "ms_p80"):
-                                row[key] = statistics.median(run_[key] for run_ in runs)
-                            row["peak_mib"] = max(run_["peak_mib"] for run_ in runs)
-                            row["saved_mib"] = saved_mib(closures[name], inputs)
-                            rows.append(row)
+                        results = measure_alternating({n: mode_fn(fn, feats, mode) for n, fn in closures.items()},
+                                                      device, args.rounds, args.warmup, args.repeats)
+                        for name, stats in results.items():
+                            rows.append({"kernel": "grad_cosine", "provider": name, "mode": mode, "shape": shape,
+                                         "dtype": args.dtype, "M": num_backbones, "N": n, "C": c, "D": d, **stats,
+                                         "saved_mib": saved_mib(closures[name], inputs)})
                         print(f"{shape} {mode}: " + ", ".join(
                             f"{r['provider']} {r['ms_p50']:.3g} ms" for r in rows[-len(results):]), flush=True)
     rows = add_ratios(rows)
