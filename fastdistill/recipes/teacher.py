@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -35,8 +36,6 @@ CARD = "teacher.json"
 
 
 def cache_root() -> Path:
-    import os
-
     return Path(os.environ.get("FASTDISTILL_CACHE", Path.home() / ".cache" / "fastdistill"))
 
 
