@@ -6,6 +6,7 @@ Speed and memory are reported as ratios to the first provider measured in the sa
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -168,3 +169,29 @@ def measure_alternating(closures: dict[str, Callable], device: torch.device, rou
             runs[name].append(measure(closures[name], device, warmup=warmup, repeats=repeats))
     return {name: {**{k: statistics.median(x[k] for x in rs) for k in ("ms_p50", "ms_p20", "ms_p80")},
                    "peak_mib": max(x["peak_mib"] for x in rs)} for name, rs in runs.items()}
+
+
+def kernel_parser(doc: str, providers: tuple[str, ...], grad_target: str) -> argparse.ArgumentParser:
+    """The options every kernel benchmark shares; the benchmark adds its shape options."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "full"],
+                        help=f"full = forward + backward to the {grad_target} (what a step pays); forward = loss only")
+    parser.add_argument("--providers", nargs="+", default=list(providers), choices=providers)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per provider; medians over rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per round (compile, autotune)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a shared machine)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default: benchmarks/results)")
+    return parser
+
+
+def parse_kernel_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, require the eager baseline (every ratio is to it) and set the CPU threads."""
+    args = parser.parse_args(argv)
+    if "eager" not in args.providers:
+        parser.error("--providers must include eager: speed and memory are ratios to it")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args

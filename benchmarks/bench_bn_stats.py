@@ -17,7 +17,6 @@ one image and N is set to --batch. saved_mib counts what the autograd graph keep
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import (  # noqa: E402
-    add_ratios, measure_alternating, mode_fn, print_table, saved_mib, write_results)
+    add_ratios, kernel_parser, measure_alternating, mode_fn, parse_kernel_args, print_table, saved_mib,
+    write_results)
 from fastdistill.kernels import bn_stats as kernel  # noqa: E402
 
 PROVIDERS = ("eager", "torch_fused", "triton")
@@ -111,9 +111,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=device, help="cuda or cpu (default: cuda when available)")
+    parser = kernel_parser(__doc__, PROVIDERS, "BN inputs")
     parser.add_argument("--arch", default="resnet18", help="timm model whose BatchNorm2d inputs set the shapes")
     parser.add_argument("--batch", type=int, help="N of every BN input (default: 100 on CUDA as published, 16 on CPU)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 224],
@@ -122,21 +120,9 @@ def main(argv=None):
                         help="memory format of the BN inputs (channels_last convolutions are faster on CPU)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="BN input dtype (float16 is what FADRM's MPT feeds the hook on a GPU)")
-    parser.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "full"],
-                        help="full = forward + backward to the BN inputs (what a step pays); forward = loss only")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per provider; medians over rounds")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per round (compile, autotune)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a shared machine)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default: benchmarks/results)")
-    args = parser.parse_args(argv)
+    args = parse_kernel_args(parser, argv)
     if args.batch is None:
         args.batch = DEFAULT_BATCH["cuda" if args.device.startswith("cuda") else "cpu"]
-    if "eager" not in args.providers:
-        parser.error("--providers must include eager: speed and memory are ratios to it")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     rows = run(args)
     print_table(rows, ["shape", "layout", "dtype", "mode", "provider", "ms_p50", "ms_p20", "ms_p80", "speedup",

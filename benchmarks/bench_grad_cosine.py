@@ -15,7 +15,6 @@ The real-side gradients are computed once, outside the timed region (they carry 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import (  # noqa: E402
-    add_ratios, measure_alternating, mode_fn, print_table, saved_mib, write_results)
+    add_ratios, kernel_parser, measure_alternating, mode_fn, parse_kernel_args, print_table, saved_mib,
+    write_results)
 from fastdistill.kernels import grad_cosine as kernel  # noqa: E402
 from fastdistill.losses import grad_cosine as reference  # noqa: E402
 
@@ -104,32 +104,17 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=device, help="cuda or cpu (default: cuda when available)")
+    parser = kernel_parser(__doc__, PROVIDERS, "features")
     parser.add_argument("--classes", type=int, nargs="+", help="C values (default: 10 100 1000)")
     parser.add_argument("--dims", type=int, nargs="+", help="D values (default: 384 768 1536; CPU 384 1536)")
     parser.add_argument("--batches", type=int, nargs="+", help="N values, synthetic views (default: 100 512)")
     parser.add_argument("--backbones", type=int, nargs="+", help="numbers of backbones M (default: 1 3)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="feature and head dtype")
-    parser.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "full"],
-                        help="full = forward + backward to the features (what a step pays); forward = loss only")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per provider; medians over rounds")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per round (compile, autotune)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is steadier on a shared, oversubscribed CPU")
-    parser.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default: benchmarks/results)")
-    args = parser.parse_args(argv)
+    args = parse_kernel_args(parser, argv)
     for key, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if "eager" not in args.providers:
-        parser.error("--providers must include eager: speed and memory are ratios to it")
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     rows = run(args)
     print_table(rows, ["shape", "dtype", "mode", "provider", "ms_p50", "ms_p20", "ms_p80", "speedup", "peak_mib",
                        "memory_ratio", "saved_mib", "saved_ratio"])
