@@ -75,42 +75,47 @@ class FADRMRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg, m = self.cfg, self.cfg.method
+        cfg = self.cfg
         seed_everything(cfg.seed)
         self.profiler = Profiler(self.device)
         splits = build_dataset(cfg.data)
         self.train_set, self.test_set = splits["train"], splits["test"]
         self.classes = self.train_set.classes
         self.num_classes = len(self.classes)
-        self.image_size = tuple(self.train_set.image_size)
-        self.channels = self.train_set.channels
         with self.profiler.phase("teachers"):
-            self.teachers, self.teacher_cards = self._load_teachers()
-        for t in self.teachers:
-            t.to(self.device)
-        self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
-        # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
-        spec = self.teachers[0].spec
-        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
-        if self.channels == 1:
-            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
-        self.mean = mean.view(1, -1, 1, 1).to(self.device)
-        self.std = std.view(1, -1, 1, 1).to(self.device)
-        self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
-        self.sizes = [tuple(self.image_size) if s is None else (int(s), int(s)) for s in m.stage_sizes]
-        if m.variant == "sre2l":  # SRe2L: one resolution
-            self.sizes = [tuple(self.image_size)] * len(self.sizes)
-        self.n_images = self.num_classes * cfg.ipc
-        self.images = torch.zeros(self.n_images, self.channels, *self.image_size)  # pixels [0, 1], class-major
-        self.labels = torch.arange(self.num_classes).repeat_interleave(cfg.ipc)
-        self.batches_done = 0
-        self.history = []  # recovery loss at the start and end of every batch
-        self.inner = None  # state of the batch in progress (for mid-batch resume)
+            teachers, self.teacher_cards = self._load_teachers()
+        self.prepare_recovery(teachers, tuple(self.train_set.image_size), self.train_set.channels, self.num_classes)
         if cfg.resume:
             self.load_checkpoint()
         else:
             with self.profiler.phase("init", images=self.n_images):
                 self.patches = self.init_images()
+
+    def prepare_recovery(self, teachers: list[Backbone], image_size: tuple[int, int], channels: int,
+                         num_classes: int) -> None:
+        """Teachers, BN taps, stage sizes and the (empty) synthetic set: all that :meth:`recover_batch` needs.
+        ``setup`` calls it with the run's data; ``benchmarks/bench_fadrm.py`` with random-init teachers."""
+        cfg, m = self.cfg, self.cfg.method
+        self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
+        self.teachers = [t.to(self.device) for t in teachers]
+        self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
+        # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
+        spec = self.teachers[0].spec
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+        if channels == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        self.mean = mean.view(1, -1, 1, 1).to(self.device)
+        self.std = std.view(1, -1, 1, 1).to(self.device)
+        self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
+        self.sizes = [self.image_size if s is None else (int(s), int(s)) for s in m.stage_sizes]
+        if m.variant == "sre2l":  # SRe2L: one resolution
+            self.sizes = [self.image_size] * len(self.sizes)
+        self.n_images = num_classes * cfg.ipc
+        self.images = torch.zeros(self.n_images, channels, *self.image_size)  # pixels [0, 1], class-major
+        self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
+        self.batches_done = 0
+        self.history = []  # recovery loss at the start and end of every batch
+        self.inner = None  # state of the batch in progress (for mid-batch resume)
 
     def _load_teachers(self) -> tuple[list[Backbone], list[dict]]:
         """Frozen teachers: trained on this data by the teacher recipe (cached), from the hub, or files.
@@ -146,29 +151,36 @@ class FADRMRecipe:
 
     @torch.no_grad()
     def select_patches(self) -> torch.Tensor:
-        """For every class, random-resized crops of real images scored by the teachers' cross-entropy (lower is
-        more typical); the best ``ipc * factor^2`` are stitched ``factor x factor`` per image (RDED, Sun et al.
-        2024). The published FADRM ships these images pre-made; this selection is fastdistill's own."""
+        """RDED-style selection (Sun et al. 2024): for every class, ``crops_per_image`` random-resized crops of
+        each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy (lower = more
+        typical); each image keeps its best crop, the best ``ipc * factor^2`` images are kept and stitched
+        ``factor x factor`` per synthetic image. One crop per source image keeps the set diverse: ranking all
+        crops together fills it with near-copies of the few easiest images. The published FADRM ships these
+        images pre-made; this selection is fastdistill's own."""
         m, ipc = self.cfg.method, self.cfg.ipc
         factor = m.patches_per_side
+        need = ipc * factor * factor
         h, w = self.image_size
         ph, pw = h // factor, w // factor
         g = torch.Generator().manual_seed(self.cfg.seed)
         out = []
         for c in range(self.num_classes):
             idx = (self.train_set.labels == c).nonzero().flatten()
+            if min(idx.numel(), m.candidates_per_class) < need:
+                raise ValueError(f"class {self.classes[c]!r}: {min(idx.numel(), m.candidates_per_class)} candidate "
+                                 f"images for {need} patches (ipc x patches_per_side^2); raise "
+                                 f"method.candidates_per_class or lower ipc")
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
             real = to_input(self.train_set.load_all()[idx].to(self.device), self.image_size, self.channels)
-            crops = torch.cat([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale), generator=g)
-                               for _ in range(m.crops_per_image)])
-            logits = torch.cat([teacher_logits(self.teachers, crops[i:i + 256], self.precision)
-                                for i in range(0, len(crops), 256)])
-            ce = F.cross_entropy(logits, torch.full((len(crops),), c, device=self.device), reduction="none")
-            need = ipc * factor * factor
-            if len(crops) < need:
-                raise ValueError(f"class {self.classes[c]!r}: {len(crops)} candidate crops for {need} patches; raise "
-                                 f"method.candidates_per_class or method.crops_per_image")
-            best = crops[ce.argsort()[:need]]
+            crops = torch.stack([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale), generator=g)
+                                 for _ in range(m.crops_per_image)], 1)  # (images, crops, C, H, W)
+            flat = crops.flatten(0, 1)
+            logits = torch.cat([teacher_logits(self.teachers, flat[i:i + 256], self.precision)
+                                for i in range(0, len(flat), 256)])
+            ce = F.cross_entropy(logits, torch.full((len(flat),), c, device=self.device), reduction="none")
+            ce, best_crop = ce.view(crops.shape[:2]).min(1)
+            keep = ce.argsort()[:need]
+            best = crops[keep, best_crop[keep]]
             if factor > 1:
                 best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
                 best = best.view(ipc, factor, factor, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)

@@ -84,3 +84,21 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
     assert resumed.inner is not None and resumed.inner["stage"] == 1
     resumed.train()
     torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0, msg="resumed synthetic images")
+
+
+def test_patch_selection_keeps_one_crop_per_source_image(tmp_path):
+    # near-full crops, so each selected patch is recognisably the candidate it came from
+    recipe = FADRMRecipe(_cfg(tmp_path, "sel", "ipc=3", "method.candidates_per_class=5", "method.crops_per_image=4",
+                              "method.candidate_scale=[0.97,1.0]"))
+    recipe.setup()
+    from fastdistill.data.transforms import to_input
+
+    real = to_input(recipe.train_set.load_all(), recipe.image_size, recipe.channels)
+    for c in range(recipe.num_classes):
+        pool = real[recipe.train_set.labels == c]
+        chosen = recipe.patches[c * 3:(c + 1) * 3]
+        source = torch.cdist(chosen.flatten(1), pool.flatten(1)).argmin(1)
+        assert source.unique().numel() == 3, f"class {c}: two patches from one source image {source.tolist()}"
+    with pytest.raises(ValueError, match="candidate images for 12 patches"):
+        FADRMRecipe(_cfg(tmp_path, "few", "ipc=3", "method.patches_per_side=2",
+                         "method.candidates_per_class=5")).setup()
