@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 
 RECIPES = {
+    "evaluate": "fastdistill.recipes.evaluate",
     "fadrm": "fastdistill.recipes.fadrm",
+    "lgm": "fastdistill.recipes.lgm",
     "teacher": "fastdistill.recipes.teacher",
 }
 

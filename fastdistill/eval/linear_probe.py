@@ -1,0 +1,189 @@
+"""Linear probe on frozen features: how LGM judges a distilled set (Cazenavette et al. 2025, ``eval=linear_probe``).
+
+A fresh linear classifier ``logits = F W^T + b`` on the frozen features F of an evaluator backbone that was not
+used for distillation is trained with cross-entropy on (a) the synthetic images, (b) the same number of random
+real images per class, (c) all real training images, and tested on the held-out split. As published: Adam with
+lr ``1e-3 * B / 256`` (B the global batch, never divided by a device count, a defect of the published code),
+cosine schedule per step, batch ``B = min(100, N)``, random-resized-crop + flip on every batch, the final epoch's
+test accuracy (no selection on the test set), ``runs`` seeds -> mean +- std. Real and synthetic images take the
+same path: [0, 1] pixels -> the same crop -> the backbone's own normalisation.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill.data.dataset import ImageDataset
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine.precision import Precision
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.models import Backbone, create_backbone, parse_backbone_id
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 100
+    lr: float = 1e-3  # for a batch of 256; scaled by B / 256
+    max_batch_size: int = 100
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    image_size: tuple[int, int] = (224, 224)
+
+
+def check_probe_config(e: DictConfig) -> None:
+    """One-line errors for the ``eval`` block, before any work."""
+    if not isinstance(e.runs, int) or e.runs < 1:
+        raise ValueError(f"eval.runs must be an integer >= 1, got {e.runs!r}")
+    if e.epochs < 1 or e.full_epochs < 1:
+        raise ValueError(f"eval.epochs and eval.full_epochs must be >= 1, got {e.epochs!r} and {e.full_epochs!r}")
+    if e.max_batch_size < 1 or not e.lr > 0:
+        raise ValueError(f"eval.max_batch_size must be >= 1 and eval.lr > 0, got {e.max_batch_size!r}, {e.lr!r}")
+    lo, hi = e.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"eval.crop_scale must satisfy 0 < min <= max <= 1, got {list(e.crop_scale)}")
+    parse_backbone_id(e.backbone)
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """``timm:resnet18.a1_in1k`` and ``timm:resnet18`` are one architecture (tags name weights, not networks)."""
+    (sa, na), (sb, nb) = parse_backbone_id(a), parse_backbone_id(b)
+    if sa != sb:
+        return False
+    strip = (lambda n: n.split("/")[0]) if sa == "open_clip" else (lambda n: n.split(".")[0])
+    return strip(na) == strip(nb)
+
+
+def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]:
+    """The frozen evaluator ``cfg.eval.backbone``: trained on the run's data by the teacher recipe (cached), or
+    created with ``eval.pretrained`` weights (none | hub | PATH | a packaged name)."""
+    from fastdistill.recipes import teacher as teacher_recipe
+    from fastdistill.recipes.fadrm import ensure_trained_teacher
+
+    e = cfg.eval
+    if e.pretrained == "trained":
+        # ensure_trained_teacher reads these keys only; the evaluator has its own teacher preset
+        tcfg = OmegaConf.create({"method": {"teacher_preset": e.teacher_preset}, "seed": cfg.seed,
+                                 "device": cfg.device, "precision": cfg.precision, "progress": cfg.progress,
+                                 "loader": cfg.loader, "data": OmegaConf.to_container(cfg.data, resolve=True)})
+        model, card = teacher_recipe.load_teacher(ensure_trained_teacher(e.backbone, tcfg))
+        if card["classes"] != list(classes):
+            raise ValueError(f"evaluator {e.backbone} was trained with classes {card['classes'][:5]}... but the data "
+                             f"has {list(classes)[:5]}...")
+        card = {k: v for k, v in card.items() if k != "history"}
+    else:
+        with torch.random.fork_rng(devices=[]):  # a random-init evaluator is the same for every run of one seed
+            torch.manual_seed(cfg.seed)
+            model = create_backbone(e.backbone, pretrained=e.pretrained).freeze()
+        card = {"model": e.backbone, "weights": e.pretrained}
+    return model, card
+
+
+@torch.no_grad()
+def embed_all(backbone: Backbone, images: torch.Tensor, image_size: tuple[int, int], device: torch.device,
+              precision: Precision, batch_size: int = 256) -> torch.Tensor:
+    """fp32 features (N, D) of uint8 or [0, 1] images (N, C, H, W) resized to ``image_size`` (no crop)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size].to(device), image_size)
+        with precision.autocast():
+            out.append(backbone.embed(x).float())
+    return torch.cat(out)
+
+
+def train_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, test_feats: torch.Tensor,
+                test_labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, epochs: int, seed: int,
+                device: torch.device, precision: Precision) -> float:
+    """Train a fresh linear head on augmented features of ``images`` ([0, 1] or uint8 (N, C, H, W)) for
+    ``epochs``; return the final test accuracy in [0, 1] on precomputed ``test_feats`` (N_test, D)."""
+    g = torch.Generator().manual_seed(seed)
+    d = test_feats.shape[1]
+    bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the run's own generator
+    weight = (torch.rand(num_classes, d, generator=g) * 2 - 1).mul_(bound).to(device).requires_grad_()
+    bias = (torch.rand(num_classes, generator=g) * 2 - 1).mul_(bound).to(device).requires_grad_()
+    n = images.shape[0]
+    batch = min(cfg.max_batch_size, n)
+    steps_per_epoch = -(-n // batch)
+    lr = cosine_schedule(cfg.lr * batch / 256, 0.0, epochs * steps_per_epoch)
+    opt = torch.optim.Adam([weight, bias], lr=float(lr[0]))
+    x_all = to_input(images.to(device))
+    y_all = labels.to(device)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g).to(device)
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            x = random_resized_crop(x_all[idx], cfg.image_size, scale=cfg.crop_scale, generator=g)
+            if cfg.hflip:
+                x = random_hflip(x, generator=g)
+            with torch.no_grad(), precision.autocast():
+                f = backbone.embed(x).float()
+            loss = F.cross_entropy(F.linear(f, weight, bias), y_all[idx])
+            for group in opt.param_groups:
+                group["lr"] = float(lr[step])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        pred = F.linear(test_feats, weight, bias).argmax(1)
+    return (pred.cpu() == test_labels.cpu()).float().mean().item()
+
+
+def probe_config(e: DictConfig, image_size: tuple[int, int], hflip: bool) -> ProbeConfig:
+    size = (int(e.image_size), int(e.image_size)) if e.image_size else tuple(image_size)
+    return ProbeConfig(epochs=int(e.epochs), lr=float(e.lr), max_batch_size=int(e.max_batch_size),
+                       crop_scale=tuple(e.crop_scale), hflip=hflip, image_size=size)
+
+
+def linear_probe_eval(backbone: Backbone, synthetic: torch.Tensor, synthetic_labels: torch.Tensor,
+                      train_set: ImageDataset, test_set: ImageDataset, e: DictConfig, seed: int, hflip: bool,
+                      device: torch.device, precision: Precision) -> dict:
+    """The three rows of the LGM table: ``{"backbone", "synthetic", "real_random", "full"}``, each
+    ``{"mean", "std", "runs"}`` of test accuracy over ``e.runs`` seeds.
+
+    ``synthetic``: [0, 1] images (N, C, H, W) class-major; real images are brought to the same size and channels
+    by :func:`to_input` before the common pipeline. Random real images are redrawn every run (ipc per class).
+    """
+    backbone = backbone.to(device).eval()
+    size = tuple(synthetic.shape[-2:])
+    pcfg = probe_config(e, size, hflip)
+    channels = synthetic.shape[1]
+    test_feats = embed_all(backbone, to_input(test_set.load_all(), size, channels), pcfg.image_size, device,
+                           precision)
+    num_classes = test_set.num_classes
+    ipc = max(1, synthetic.shape[0] // num_classes)
+    real_all = train_set.load_all()
+    out = {"backbone": backbone.spec.name}
+    rows = {"synthetic": []}
+    if e.real_random:
+        rows["real_random"] = []
+    if e.full:
+        rows["full"] = []
+    for r in range(e.runs):
+        run_seed = seed + 1000 * r
+        rows["synthetic"].append(train_probe(backbone, synthetic, synthetic_labels, test_feats, test_set.labels,
+                                             num_classes, pcfg, pcfg.epochs, run_seed, device, precision))
+        if e.real_random:
+            idx = train_set.per_class(ipc, torch.Generator().manual_seed(run_seed))
+            real = to_input(real_all[idx], size, channels)
+            rows["real_random"].append(train_probe(backbone, real, train_set.labels[idx], test_feats, test_set.labels,
+                                                   num_classes, pcfg, pcfg.epochs, run_seed, device, precision))
+        if e.full:
+            real = to_input(real_all, size, channels)
+            rows["full"].append(train_probe(backbone, real, train_set.labels, test_feats, test_set.labels,
+                                            num_classes, pcfg, int(e.full_epochs), run_seed, device, precision))
+    for name, accs in rows.items():
+        out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "runs": accs}
+    return out
+
+
+def result_rows(ev: dict) -> list[list]:
+    """Table rows ``[training set, mean, std, runs]`` for :func:`fastdistill.console.print_results`."""
+    return [[name, ev[name]["mean"], ev[name]["std"], len(ev[name]["runs"])]
+            for name in ("synthetic", "real_random", "full") if name in ev]

@@ -1,0 +1,380 @@
+"""Linear Gradient Matching (``+method=lgm``): dataset distillation for frozen pre-trained backbones
+(Cazenavette et al., "Dataset Distillation for Pre-Trained Self-Supervised Vision Models", NeurIPS 2025), with
+its multi-backbone extension (several frozen backbones of different objectives matched at once).
+
+Every step draws a fresh random linear head per backbone m (W ~ N(0, 0.01^2), b = 0) and compares the gradient
+of its cross-entropy on a real batch with the one on the augmented synthetic set:
+
+    G = (P - Y)^T F / N,  g_b = mean_n (P - Y),  P = softmax(F W^T + b)     (closed form, no double backward)
+    L = sum_m w_m (1 - cos(vec(G_syn^m, g_b,syn^m), vec(G_real^m, g_b,real^m)))
+
+backpropagated into the synthetic parameters only (backbones frozen, heads never trained), with Adam.
+- Synthetic set: ``ipc`` images per class, parametrised as a ``pyramid`` (levels of doubling resolution from
+  1x1, one added every ``pyramid_every`` steps, decoded as the sum of bilinear upsamples -> fixed colour
+  decorrelation -> sigmoid(2 z); Adam's state is reset at every new level, as published) or plain ``pixels``
+  (sigmoid(2 z) of a full-resolution tensor); initialised from noise or from random real images.
+- Augmentation, drawn independently per sample and the same for both sides: random-resized-crop (affine_grid /
+  grid_sample, differentiable), flip where the data allows it, additive Gaussian noise with probability p;
+  ``augs_per_batch`` augmented copies of the synthetic set per step against ``ipc * augs * classes`` random real
+  images, whose forward runs without autograd.
+- The loss is ``kernels/grad_cosine.py`` (Triton on CUDA, the closed-form PyTorch reference elsewhere).
+The set is judged by a linear probe on an evaluator backbone NOT used here (``eval/linear_probe.py``).
+
+Keys that matter: ``ipc``, ``method.backbones``, ``method.backbone_weights``, ``method.parametrization``,
+``method.iterations``, ``method.lr``, ``method.augs_per_batch``, ``eval.backbone``.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import Precision, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine.compile import should_compile
+from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
+                                           same_architecture)
+from fastdistill.kernels.grad_cosine import grad_cosine_loss, linear_head_grad
+from fastdistill.models import Backbone, create_backbone, parse_backbone_id
+from fastdistill.profiling import Profiler
+
+PARAMETRIZATIONS = ("pyramid", "pixels")
+INITS = ("noise", "real")
+HEAD_STD = 0.01  # W ~ N(0, 0.01^2), b = 0: a fresh random head every step (published)
+
+# Fixed colour decorrelation (Olah et al. 2017, "Feature Visualization"): a square root of ImageNet's RGB
+# covariance, normalised by its largest column norm; the optimised values live in a decorrelated space.
+_COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOR_DECORRELATION = _COLOR / _COLOR.norm(dim=0).max()
+
+
+def pyramid_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """Level sizes 1, 2, 4, ... doubling until the full resolution (the last level is exactly (H, W))."""
+    sizes, k = [], 0
+    while True:
+        size = (min(2 ** k, height), min(2 ** k, width))
+        sizes.append(size)
+        if size == (height, width):
+            return sizes
+        k += 1
+
+
+def decode(levels: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (N, ch, H, W) from parameter levels: sigmoid(2 M (base + sum_k Up(level_k))), M the colour
+    decorrelation for 3 channels (identity otherwise); bilinear upsampling without antialias (published)."""
+    size = tuple(base.shape[-2:])
+    z = base
+    for level in levels:
+        z = z + (level if tuple(level.shape[-2:]) == size else
+                 torch.nn.functional.interpolate(level, size=size, mode="bilinear", align_corners=False))
+    if z.shape[1] == 3:
+        z = torch.einsum("dc,nchw->ndhw", COLOR_DECORRELATION.to(z), z)
+    return torch.sigmoid(2 * z)
+
+
+def encode(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The inverse of :func:`decode` with no levels: the base z with decode([], z) = images (clamped off 0 and 1)."""
+    z = 0.5 * torch.logit(images.clamp(eps, 1 - eps))
+    if z.shape[1] == 3:
+        z = torch.einsum("dc,nchw->ndhw", torch.linalg.inv(COLOR_DECORRELATION).to(z), z)
+    return z
+
+
+def augment(x: torch.Tensor, size: tuple[int, int], crop_scale, hflip: bool, noise_mean: float, noise_std: float,
+            noise_p: float) -> torch.Tensor:
+    """Per-sample, differentiable: random-resized-crop to ``size``, flip (p 0.5) where allowed, additive
+    Gaussian noise N(noise_mean, noise_std^2) on a random ``noise_p`` of the samples. Global RNG (checkpointed)."""
+    x = random_resized_crop(x, size, scale=tuple(crop_scale), per_sample=True)
+    if hflip:
+        x = random_hflip(x)
+    if noise_p > 0 and noise_std + abs(noise_mean) > 0:
+        on = (torch.rand(x.shape[0]) < noise_p).to(x.device, x.dtype).view(-1, 1, 1, 1)
+        x = x + on * (noise_mean + noise_std * torch.randn_like(x))
+    return x
+
+
+def _as_list(value, n: int, key: str) -> list:
+    if isinstance(value, (list, tuple, ListConfig)):
+        if len(value) != n:
+            raise ValueError(f"method.{key} has {len(value)} entries for {n} backbones; give one per backbone "
+                             f"in method.backbones")
+        return list(value)
+    return [value] * n
+
+
+class LGMRecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        if m.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown method.parametrization {m.parametrization!r}; expected one of "
+                             f"{', '.join(PARAMETRIZATIONS)}")
+        if m.init not in INITS:
+            raise ValueError(f"unknown method.init {m.init!r}; expected one of {', '.join(INITS)}")
+        if not isinstance(cfg.ipc, int) or cfg.ipc < 1:
+            raise ValueError(f"ipc must be an integer >= 1 (images per class), got {cfg.ipc!r}")
+        if not m.backbones:
+            raise ValueError("method.backbones is empty; name at least one frozen backbone, e.g. [timm:resnet18]")
+        for name in m.backbones:
+            parse_backbone_id(name)
+        self.pretrained = _as_list(m.backbone_pretrained, len(m.backbones), "backbone_pretrained")
+        kwargs = m.get("backbone_kwargs") or {}
+        self.backbone_kwargs = [OmegaConf.to_container(k) if k else {} for k in
+                                _as_list(kwargs if isinstance(kwargs, (list, ListConfig)) else {},
+                                         len(m.backbones), "backbone_kwargs")]
+        self.backbone_weights = [float(w) for w in _as_list(m.backbone_weights, len(m.backbones), "backbone_weights")]
+        if any(w < 0 for w in self.backbone_weights) or sum(self.backbone_weights) <= 0:
+            raise ValueError(f"method.backbone_weights must be >= 0 with a positive sum, got {self.backbone_weights}")
+        if m.iterations < 1 or m.augs_per_batch < 1 or m.pyramid_every < 1 or m.log_every < 1:
+            raise ValueError(f"method.iterations, augs_per_batch, pyramid_every and log_every must be >= 1, got "
+                             f"{m.iterations!r}, {m.augs_per_batch!r}, {m.pyramid_every!r}, {m.log_every!r}")
+        if not m.lr > 0:
+            raise ValueError(f"method.lr must be > 0, got {m.lr!r}")
+        lo, hi = m.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        if not 0 <= m.noise_p <= 1 or m.noise_std < 0:
+            raise ValueError(f"method.noise_p must be in [0, 1] and noise_std >= 0, got {m.noise_p!r}, {m.noise_std!r}")
+        check_probe_config(cfg.eval)
+        seen = [b for b in m.backbones if same_architecture(b, cfg.eval.backbone)]
+        if seen:
+            raise ValueError(f"eval.backbone {cfg.eval.backbone!r} is among method.backbones ({seen[0]!r}); the probe "
+                             f"must use an unseen backbone: pick another eval.backbone")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        self.profiler = Profiler(self.device)
+        splits = build_dataset(cfg.data)
+        self.train_set, self.test_set = splits["train"], splits["test"]
+        self.classes = self.train_set.classes
+        with self.profiler.phase("backbones"):
+            backbones, self.backbone_cards = self._load_backbones()
+        self.prepare(backbones, tuple(self.train_set.image_size), self.train_set.channels, len(self.classes))
+        # real images stay uint8 on the host until a batch is drawn (decoded datasets: one tensor)
+        self.real_labels = self.train_set.labels
+        if cfg.resume:
+            self.load_checkpoint()
+        else:
+            with self.profiler.phase("init", images=self.n_images):
+                self.init_synthetic()
+
+    def prepare(self, backbones: list[Backbone], image_size: tuple[int, int], channels: int, num_classes: int) -> None:
+        """Backbones, sizes and the empty synthetic set: what :meth:`distill_step` needs besides real data.
+        ``setup`` calls it with the run's data; ``benchmarks/bench_lgm.py`` with random-init backbones."""
+        cfg, m = self.cfg, self.cfg.method
+        self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
+        self.view_size = (int(m.image_size), int(m.image_size)) if m.image_size else self.image_size
+        self.backbones = [b.to(self.device).freeze() for b in backbones]
+        for b in self.backbones:
+            if b.spec.fixed_size and tuple(b.spec.input_size) != self.view_size:
+                raise ValueError(f"{b.spec.name} takes {b.spec.input_size[0]} px views but method.image_size gives "
+                                 f"{self.view_size[0]}; set method.image_size={b.spec.input_size[0]}")
+        compile_ = should_compile(cfg.compile, self.device)
+        self.embeds = [torch.compile(b.embed) if compile_ else b.embed for b in self.backbones]
+        self.n_images = num_classes * cfg.ipc
+        self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)  # class-major
+        self.sizes = pyramid_sizes(*self.image_size) if m.parametrization == "pyramid" else [self.image_size]
+        self.hflip = bool(cfg.data.get("hflip", True))
+        self.matching_loss = grad_cosine_loss  # benchmarks swap in the published double-backward formulation
+        self.step, self.history = 0, []
+        self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0  # since the last log step
+        self.levels: list[torch.Tensor] = []
+        self.base = torch.zeros(self.n_images, channels, *self.image_size, device=self.device)
+
+    def _load_backbones(self) -> tuple[list[Backbone], list[dict]]:
+        """Frozen backbones: trained on this data by the teacher recipe (cached), packaged, hub or file weights."""
+        from fastdistill.recipes import teacher as teacher_recipe
+        from fastdistill.recipes.fadrm import ensure_trained_teacher
+
+        backbones, cards = [], []
+        for name, w, kwargs in zip(self.cfg.method.backbones, self.pretrained, self.backbone_kwargs):
+            if w == "trained":
+                model, card = teacher_recipe.load_teacher(ensure_trained_teacher(name, self.cfg))
+                if card["classes"] != list(self.classes):
+                    raise ValueError(f"backbone {name} was trained with classes {card['classes'][:5]}... but the "
+                                     f"dataset has {list(self.classes)[:5]}...")
+                card = {k: v for k, v in card.items() if k != "history"}
+            else:
+                model = create_backbone(name, pretrained=w, **kwargs).freeze()
+                card = {"model": name, "weights": w}
+            backbones.append(model)
+            cards.append({**card, "feature_dim": model.spec.feature_dim})
+        return backbones, cards
+
+    # ------------------------------------------------------------------ synthetic set
+    @torch.no_grad()
+    def init_synthetic(self, real: torch.Tensor | None = None) -> None:
+        """Noise: the first level ~ N(0, 1) (pyramid: 1x1). Real: ``real`` (or ipc random real images per class)
+        as the fixed base of the decode, levels starting at zero, so decode() returns the real images at step 0."""
+        m = self.cfg.method
+        if m.init == "real":
+            if real is None:
+                idx = self.train_set.per_class(self.cfg.ipc, torch.Generator().manual_seed(self.cfg.seed))
+                real = to_input(self.train_set.load_all()[idx], self.image_size, self.channels)
+            self.base = encode(real.to(self.device))
+        self.levels = [self._new_level(self.sizes[0], count=1)]
+        self._reset_optimizer()
+
+    def _new_level(self, size: tuple[int, int], count: int) -> torch.Tensor:
+        shape = (self.n_images, self.channels, *size)
+        if self.cfg.method.init == "real":
+            level = torch.zeros(shape)
+        else:
+            level = torch.randn(shape) / count  # ~ N(0, 1) / L (published)
+        return level.to(self.device).requires_grad_()
+
+    def extend_pyramid(self) -> None:
+        """Add the next level (twice the resolution): old levels scaled by L_old / L_new, the new one ~ N(0, 1) / L_new,
+        and a fresh Adam (published: state reset at every level)."""
+        old, new = len(self.levels), len(self.levels) + 1
+        with torch.no_grad():
+            self.levels = [(lv * (old / new)).requires_grad_() for lv in self.levels]
+        self.levels.append(self._new_level(self.sizes[old], count=new))
+        self._reset_optimizer()
+
+    def _reset_optimizer(self) -> None:
+        self.optimizer = torch.optim.Adam(self.levels, lr=self.cfg.method.lr)
+
+    def images(self) -> torch.Tensor:
+        """The current synthetic set, [0, 1] (N, ch, H, W), class-major, with its graph to the parameters."""
+        return decode(self.levels, self.base)
+
+    # ------------------------------------------------------------------ distillation
+    def real_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size."""
+        idx = torch.randint(len(self.real_labels), (n,))
+        if self.train_set.images is not None:
+            x = self.train_set.images[idx]
+        else:  # image folders: decode only the drawn files
+            x = torch.stack([self.train_set[i][0] for i in idx.tolist()])
+        x = to_input(x.to(self.device, non_blocking=True), self.image_size, self.channels)
+        return x, self.real_labels[idx].to(self.device)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.method
+        return augment(x, self.view_size, m.crop_scale, self.hflip, m.noise_mean, m.noise_std, m.noise_p)
+
+    def distill_step(self, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One LGM step on all backbones; returns the loss (detached, on the device; no sync)."""
+        cfg, m = self.cfg, self.cfg.method
+        augs = m.augs_per_batch
+        syn_labels = self.labels.to(self.device).repeat(augs)
+        syn_views = self.augment(self.images().repeat(augs, 1, 1, 1))
+        real_x, real_y = real if real is not None else self.real_batch(augs * self.n_images)
+        with torch.no_grad():  # the real side never needs a graph (the published code records one, unused)
+            real_views = self.augment(real_x)
+        feats, weights, biases, real_grads = [], [], [], []
+        for backbone, embed in zip(self.backbones, self.embeds):
+            d = backbone.spec.feature_dim
+            w = HEAD_STD * torch.randn(self.num_classes, d, device=self.device)
+            b = torch.zeros(self.num_classes, device=self.device)
+            with torch.no_grad(), self.precision.autocast():
+                real_feats = embed(real_views)
+            real_grads.append(linear_head_grad(real_feats, real_y, w, b, backend=cfg.kernels))
+            with self.precision.autocast():
+                feats.append(embed(syn_views))
+            weights.append(w)
+            biases.append(b)
+        loss = self.matching_loss(feats, syn_labels, weights, biases, real_grads, self.backbone_weights,
+                                  backend=cfg.kernels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer)
+        return loss.detach()
+
+    def train(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        every = cfg.checkpoint_every
+        with console.progress(cfg.progress) as bar, self.profiler.phase("distill"):
+            task = bar.add_task(f"lgm ipc {cfg.ipc} x {len(self.backbones)} backbones", total=m.iterations,
+                                completed=self.step, info="")
+            while self.step < m.iterations:
+                if self.step > 0 and self.step % m.pyramid_every == 0 and len(self.levels) < len(self.sizes):
+                    self.extend_pyramid()
+                self.loss_sum += self.distill_step()
+                self.loss_count += 1
+                self.step += 1
+                self.profiler.add_images("distill", m.augs_per_batch * self.n_images * 2 * len(self.backbones))
+                bar.update(task, advance=1)
+                if self.step % m.log_every == 0 or self.step == m.iterations:
+                    mean = self.loss_sum.item() / self.loss_count  # .item() syncs with the device: log steps only
+                    if not torch.isfinite(torch.tensor(mean)):
+                        raise FloatingPointError(f"non-finite LGM loss at step {self.step} (mean of the last "
+                                                 f"{self.loss_count} steps)")
+                    self.history.append({"step": self.step, "loss": mean, "levels": len(self.levels)})
+                    bar.update(task, info=f"loss {mean:.4f}")
+                    self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+                if every and self.step % every == 0 and self.step < m.iterations:
+                    self.save_checkpoint()
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def final_images(self) -> torch.Tensor:
+        """The synthetic set as saved: rounded to uint8 levels, so the probe here sees what ``+method=evaluate``
+        reads back from the PNGs."""
+        return (self.images().clamp(0, 1) * 255).round().div(255).cpu()
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        with self.profiler.phase("evaluate"):
+            evaluator, self.evaluator_card = load_evaluator(cfg, self.classes)
+            return linear_probe_eval(evaluator, self.final_images(), self.labels, self.train_set, self.test_set,
+                                     cfg.eval, cfg.seed, self.hflip, self.device, self.precision)
+
+    # ------------------------------------------------------------------ checkpoint and artifacts
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.out.path, {
+            "levels": [lv.detach().cpu() for lv in self.levels], "base": self.base.cpu(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(), "step": self.step,
+            "history": self.history, "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
+            "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
+
+    def load_checkpoint(self) -> None:
+        state = load_checkpoint(self.out.path)
+        if state is None:
+            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
+        if state["config"] != OmegaConf.to_container(self.cfg.method, resolve=True):
+            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another method config")
+        self.levels = [lv.to(self.device).requires_grad_() for lv in state["levels"]]
+        self.base = state["base"].to(self.device)
+        self._reset_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        self.loss_sum, self.loss_count = state["loss_sum"].to(self.device), state["loss_count"]
+
+    def save(self, ev: dict) -> dict:
+        cfg = self.cfg
+        images = self.final_images()
+        self.out.save_images(images, self.labels, self.classes)
+        self.out.save_preview(images, nrow=cfg.ipc if cfg.ipc > 1 else self.num_classes)
+        seconds = self.profiler.seconds.get("distill", 0.0)
+        metrics = {"eval": ev, "ipc": cfg.ipc, "backbones": list(cfg.method.backbones),
+                   "backbone_weights": self.backbone_weights, "parametrization": cfg.method.parametrization,
+                   "history": self.history, "iterations": self.step,
+                   "iterations_per_s": self.step / seconds if seconds else None}
+        self.out.write_json("metrics.json", metrics)
+        self.out.write_manifest(cfg, self.device, backbones=self.backbone_cards, classes=self.classes,
+                                evaluator=getattr(self, "evaluator_card", None))
+        self.out.write_json("profile.json", self.profiler.report())
+        return metrics
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = LGMRecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    recipe.train()
+    ev = recipe.evaluate()
+    metrics = recipe.save(ev)
+    console.print_results(f"lgm ipc {cfg.ipc} on {cfg.data.name}: linear probe on {ev['backbone']} (unseen)",
+                          ["training set", "test acc mean", "std", "runs"], result_rows(ev), recipe.out.path)
+    return metrics
