@@ -6,8 +6,9 @@ Providers:
     closed_form  the reference in fastdistill/losses/grad_cosine.py (closed-form head gradient, autograd)
     triton       fastdistill.kernels.grad_cosine (CUDA only; the CPU interpreter is ~500x slower than torch)
 
-Shapes follow the method (Cazenavette et al. 2025; METHODS.md): C in {10, 100, 1000} classes, D in {384, 768, 1536}
-(ViT-S/B/g features), N in {100, 512} synthetic views, 1 or 3 backbones (all of dim D), head W = 0.01 randn, b = 0.
+Shapes follow the method (Cazenavette et al. 2025; METHODS.md): C in {10, 100, 1000} classes, D in {384, 768, 1024,
+1536} (ViT-S/B/L/g features), N in {100, 256, 512} synthetic views, 1 to 4 backbones (all of dim D; 4 = DINOv1 +
+DINOv2 + CLIP + SigLIP), head W = 0.01 randn, b = 0.
 The real-side gradients are computed once, outside the timed region (they carry no graph).
 
     python benchmarks/bench_grad_cosine.py                       # all shapes on CUDA, a subset on CPU
@@ -32,10 +33,12 @@ from fastdistill.losses import grad_cosine as reference  # noqa: E402
 
 PROVIDERS = ("eager", "closed_form", "triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# CPU default: the published grid minus D = 768 (2 cores: the full grid takes several minutes per provider)
+# CUDA: the grid (C 10/100/1000, D 384/768/1024, N 100/256, M 1-4) plus the published extremes D 1536, N 512.
+# CPU: a corner of it (2 cores: the full grid takes several minutes per provider).
 DEFAULTS = {
-    "cuda": dict(classes=[10, 100, 1000], dims=[384, 768, 1536], batches=[100, 512], backbones=[1, 3]),
-    "cpu": dict(classes=[10, 100, 1000], dims=[384, 1536], batches=[100, 512], backbones=[1, 3]),
+    "cuda": dict(classes=[10, 100, 1000], dims=[384, 768, 1024, 1536], batches=[100, 256, 512],
+                 backbones=[1, 2, 3, 4]),
+    "cpu": dict(classes=[10, 100, 1000], dims=[384, 1024], batches=[100, 256], backbones=[1, 4]),
 }
 
 
@@ -106,9 +109,9 @@ def run(args) -> list[dict]:
 def main(argv=None):
     parser = kernel_parser(__doc__, PROVIDERS, "features")
     parser.add_argument("--classes", type=int, nargs="+", help="C values (default: 10 100 1000)")
-    parser.add_argument("--dims", type=int, nargs="+", help="D values (default: 384 768 1536; CPU 384 1536)")
-    parser.add_argument("--batches", type=int, nargs="+", help="N values, synthetic views (default: 100 512)")
-    parser.add_argument("--backbones", type=int, nargs="+", help="numbers of backbones M (default: 1 3)")
+    parser.add_argument("--dims", type=int, nargs="+", help="D values (default: 384 768 1024 1536; CPU 384 1024)")
+    parser.add_argument("--batches", type=int, nargs="+", help="N values, synthetic views (default: 100 256 512; CPU 100 256)")
+    parser.add_argument("--backbones", type=int, nargs="+", help="numbers of backbones M (default: 1 2 3 4; CPU 1 4)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="feature and head dtype")
     args = parse_kernel_args(parser, argv)
     for key, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
