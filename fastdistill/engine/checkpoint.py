@@ -33,3 +33,14 @@ def load_checkpoint(out_dir: Path) -> dict | None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def resume_checkpoint(out_dir: Path, config) -> dict:
+    """For ``resume=true``: the checkpoint of ``out_dir`` (RNG restored), which must exist and must have been saved
+    with ``state["config"] == config``; one-line errors otherwise."""
+    state = load_checkpoint(out_dir)
+    if state is None:
+        raise FileNotFoundError(f"resume=true but '{out_dir}' has no checkpoint.pt; pass the out= of the run")
+    if state.get("config") != config:
+        raise ValueError(f"the checkpoint in '{out_dir}' was made with another config; resume with the same overrides")
+    return state

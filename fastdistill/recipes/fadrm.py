@@ -32,7 +32,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
-from fastdistill.engine import Precision, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.student import StudentConfig, teacher_logits, train_student
 from fastdistill.kernels.bn_stats import arc_update
@@ -317,11 +317,7 @@ class FADRMRecipe:
                                         "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
 
     def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out.path)
-        if state is None:
-            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
-        if state["config"] != OmegaConf.to_container(self.cfg.method, resolve=True):
-            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another method config")
+        state = resume_checkpoint(self.out.path, OmegaConf.to_container(self.cfg.method, resolve=True))
         self.images, self.patches = state["images"], state["patches"]
         self.batches_done, self.inner = state["batches_done"], state["inner"]
         self.history = state["history"]

@@ -32,7 +32,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
-from fastdistill.engine import Precision, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.compile import should_compile
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
@@ -338,11 +338,7 @@ class LGMRecipe:
             "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
 
     def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out.path)
-        if state is None:
-            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
-        if state["config"] != OmegaConf.to_container(self.cfg.method, resolve=True):
-            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another method config")
+        state = resume_checkpoint(self.out.path, OmegaConf.to_container(self.cfg.method, resolve=True))
         self.levels = [lv.to(self.device).requires_grad_() for lv in state["levels"]]
         self.base = state["base"].to(self.device)
         self._reset_optimizer()

@@ -25,7 +25,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
-from fastdistill.engine import Precision, load_checkpoint, maybe_compile, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
 from fastdistill.models import Backbone, create_backbone
@@ -157,15 +157,10 @@ class TeacherRecipe:
         save_checkpoint(self.out.path, {
             "model": self.model.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
-            "loss_sum": self.loss_sum, "hash": self.hash})
+            "loss_sum": self.loss_sum, "config": self.hash})
 
     def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out.path)
-        if state is None:
-            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
-        if state["hash"] != self.hash:
-            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another config; resume with the "
-                             f"same overrides")
+        state = resume_checkpoint(self.out.path, self.hash)
         self.model.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])

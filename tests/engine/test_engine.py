@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fastdistill.engine import Precision, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine import (Precision, load_checkpoint, resolve_device, resume_checkpoint, save_checkpoint,
+                                seed_everything)
 from fastdistill.engine.compile import should_compile
 from fastdistill.engine.schedules import cosine_schedule
 
@@ -26,6 +27,15 @@ def test_checkpoint_restores_rng(tmp_path):
     torch.testing.assert_close(torch.rand(4), expected, msg="RNG state after resume")
     assert not list(tmp_path.glob("*.tmp")), "atomic write leaves no temp file"
     assert load_checkpoint(tmp_path / "empty") is None
+
+
+def test_resume_checkpoint_checks_presence_and_config(tmp_path):
+    save_checkpoint(tmp_path, {"step": 2, "config": {"lr": 0.1}})
+    assert resume_checkpoint(tmp_path, {"lr": 0.1})["step"] == 2
+    with pytest.raises(ValueError, match="made with another config"):
+        resume_checkpoint(tmp_path, {"lr": 0.2})
+    with pytest.raises(FileNotFoundError, match="has no checkpoint.pt"):
+        resume_checkpoint(tmp_path / "empty", {"lr": 0.1})
 
 
 def test_fp16_scaler_skips_non_finite_step():
