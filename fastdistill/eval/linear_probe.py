@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
@@ -62,19 +62,10 @@ def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]
     """The frozen evaluator ``cfg.eval.backbone``: trained on the run's data by the teacher recipe (cached), or
     created with ``eval.pretrained`` weights (none | hub | PATH | a packaged name)."""
     from fastdistill.recipes import teacher as teacher_recipe
-    from fastdistill.recipes.fadrm import ensure_trained_teacher
 
     e = cfg.eval
-    if e.pretrained == "trained":
-        # ensure_trained_teacher reads these keys only; the evaluator has its own teacher preset
-        tcfg = OmegaConf.create({"method": {"teacher_preset": e.teacher_preset}, "seed": cfg.seed,
-                                 "device": cfg.device, "precision": cfg.precision, "progress": cfg.progress,
-                                 "loader": cfg.loader, "data": OmegaConf.to_container(cfg.data, resolve=True)})
-        model, card = teacher_recipe.load_teacher(ensure_trained_teacher(e.backbone, tcfg))
-        if card["classes"] != list(classes):
-            raise ValueError(f"evaluator {e.backbone} was trained with classes {card['classes'][:5]}... but the data "
-                             f"has {list(classes)[:5]}...")
-        card = {k: v for k, v in card.items() if k != "history"}
+    if e.pretrained == "trained":  # the evaluator has its own teacher preset
+        model, card = teacher_recipe.trained_teacher(e.backbone, cfg, e.teacher_preset, classes)
     else:
         with torch.random.fork_rng(devices=[]):  # a random-init evaluator is the same for every run of one seed
             torch.manual_seed(cfg.seed)

@@ -128,16 +128,12 @@ class FADRMRecipe:
         teachers, cards = [], []
         for name, w in zip(m.teachers, weights):
             if w == "trained":
-                folder = ensure_trained_teacher(name, self.cfg)
-                model, card = teacher_recipe.load_teacher(folder)
-                if card["classes"] != list(self.classes):
-                    raise ValueError(f"teacher {name} was trained with classes {card['classes'][:5]}... but the "
-                                     f"dataset has {list(self.classes)[:5]}...: class indices would not match")
+                model, card = teacher_recipe.trained_teacher(name, self.cfg, m.teacher_preset, self.classes)
             else:
                 model = create_backbone(name, pretrained=w, num_classes=self.num_classes).freeze()
                 card = {"model": name, "weights": w, "classes": None}
             teachers.append(model)
-            cards.append({k: v for k, v in card.items() if k != "history"})
+            cards.append(card)
         return teachers, cards
 
     # ------------------------------------------------------------------ initialisation
@@ -345,22 +341,6 @@ class FADRMRecipe:
     def cleanup(self) -> None:
         for tap in self.taps:
             tap.remove()
-
-
-def ensure_trained_teacher(model: str, cfg: DictConfig):
-    """The cache folder of ``model`` trained on ``cfg.data`` by the teacher recipe, training it if needed."""
-    from fastdistill.recipes import teacher as teacher_recipe
-    from fastdistill.run import compose
-
-    tcfg = compose(["+method=teacher", f"preset={cfg.method.teacher_preset}", f"model={model}",
-                    f"seed={cfg.seed}", f"device={cfg.device}", f"precision={cfg.precision}",
-                    f"progress={cfg.progress}", f"loader={cfg.loader}"])
-    tcfg.data = cfg.data
-    tcfg.out = str(teacher_recipe.cache_root() / "runs" / teacher_recipe.config_hash(tcfg))
-    folder = teacher_recipe.cache_root() / "teachers" / teacher_recipe.config_hash(tcfg)
-    if not (folder / teacher_recipe.CARD).is_file():
-        teacher_recipe.main(tcfg)
-    return folder
 
 
 def main(cfg: DictConfig) -> dict:

@@ -191,16 +191,12 @@ class LGMRecipe:
     def _load_backbones(self) -> tuple[list[Backbone], list[dict]]:
         """Frozen backbones: trained on this data by the teacher recipe (cached), packaged, hub or file weights."""
         from fastdistill.recipes import teacher as teacher_recipe
-        from fastdistill.recipes.fadrm import ensure_trained_teacher
 
         backbones, cards = [], []
         for name, w, kwargs in zip(self.cfg.method.backbones, self.pretrained, self.backbone_kwargs):
             if w == "trained":
-                model, card = teacher_recipe.load_teacher(ensure_trained_teacher(name, self.cfg))
-                if card["classes"] != list(self.classes):
-                    raise ValueError(f"backbone {name} was trained with classes {card['classes'][:5]}... but the "
-                                     f"dataset has {list(self.classes)[:5]}...")
-                card = {k: v for k, v in card.items() if k != "history"}
+                model, card = teacher_recipe.trained_teacher(name, self.cfg, self.cfg.method.teacher_preset,
+                                                             self.classes)
             else:
                 model = create_backbone(name, pretrained=w, **kwargs).freeze()
                 card = {"model": name, "weights": w}

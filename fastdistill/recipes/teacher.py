@@ -48,6 +48,31 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def ensure_trained_teacher(model: str, cfg: DictConfig, preset: str) -> Path:
+    """The cache folder of ``model`` trained on ``cfg.data`` by this recipe with ``preset``, training it if needed."""
+    from fastdistill.run import compose
+
+    tcfg = compose(["+method=teacher", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
+                    f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",
+                    f"loader={cfg.loader}"])
+    tcfg.data = cfg.data
+    tcfg.out = str(cache_root() / "runs" / config_hash(tcfg))
+    folder = cache_root() / "teachers" / config_hash(tcfg)
+    if not (folder / CARD).is_file():
+        main(tcfg)
+    return folder
+
+
+def trained_teacher(model: str, cfg: DictConfig, preset: str, classes: list[str]) -> tuple[Backbone, dict]:
+    """``model`` trained on the run's data (cached) and its card without the history. Its class order must be the
+    dataset's: mismatched indices are the most reported reason published numbers fail to reproduce."""
+    net, card = load_teacher(ensure_trained_teacher(model, cfg, preset))
+    if card["classes"] != list(classes):
+        raise ValueError(f"{model} was trained with classes {card['classes'][:5]}... but the dataset has "
+                         f"{list(classes)[:5]}...: class indices would not match")
+    return net, {k: v for k, v in card.items() if k != "history"}
+
+
 def load_teacher(folder: str | Path) -> tuple[Backbone, dict]:
     """A trained teacher from its folder (``model.safetensors`` + ``teacher.json``), frozen, on CPU."""
     folder = Path(folder)
