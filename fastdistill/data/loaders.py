@@ -2,6 +2,10 @@
 
 The batch order of an epoch is a function of (seed, epoch) alone, so a resumed run replays exactly the
 batches an unbroken run would have seen (``epoch(e, start=k)`` skips the first k batches).
+
+Under torchrun ``batch_size`` is the global batch: every rank walks the same batches and keeps its slice of
+each (``rank``, ``world_size``), so the samples of a step, and the learning rate defined for them, do not
+depend on the number of processes.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Iterator, Protocol
 import torch
 
 from fastdistill.data.dataset import ImageDataset
+from fastdistill.engine.distributed import shard
 
 LOADERS = ("torch", "ffcv", "dali")
 
@@ -28,24 +33,38 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Global batches per epoch; a last batch too small to give every rank a sample is dropped."""
+    full, rest = divmod(n, batch_size)
+    return full + (not drop_last and rest >= world_size)
+
+
+def check_world(batch_size: int, world_size: int) -> None:
+    if batch_size < world_size:
+        raise ValueError(f"batch size {batch_size} is smaller than the {world_size} processes: every rank needs "
+                         "a sample of each step (the batch size is the global one)")
+
+
 class TorchLoader:
     """Plain PyTorch: direct indexing of decoded images, or a ``DataLoader`` over files with workers."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        check_world(batch_size, world_size)
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return num_batches(len(self.dataset), self.batch_size, self.drop_last, self.world_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][:len(self)]
-        batches = batches[start:]
+        parts = [shard(len(b), self.rank, self.world_size) for b in batches]
+        batches = [b[p.start:p.stop] for b, p in zip(batches, parts)][start:]
         if self.dataset.images is not None:
             for idx in batches:
                 yield self.dataset.images[idx], self.dataset.labels[idx]
@@ -55,17 +74,35 @@ class TorchLoader:
         yield from dl
 
 
+class RankSlice:
+    """Any loader under torchrun: each rank reads the global batch and keeps its slice (the FFCV and DALI
+    pipelines decode whole batches; sharding their files per rank is left to them)."""
+
+    def __init__(self, loader: Loader, rank: int, world_size: int):
+        check_world(loader.batch_size, world_size)
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return num_batches(len(self.loader.dataset), self.batch_size, self.loader.drop_last, self.world_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, (x, y) in zip(range(start, len(self)), self.loader.epoch(epoch, start)):
+            part = shard(len(y), self.rank, self.world_size)
+            yield x[part.start:part.stop], y[part.start:part.stop]
+
+
 def build_loader(name: str, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers: int = 0) -> Loader:
-    """The loader ``name`` over ``dataset``; optional loaders fail with the extra to install."""
+                 seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Loader:
+    """The loader ``name`` over ``dataset``, yielding this rank's slice of each global batch; optional loaders
+    fail with the extra to install."""
     if name == "torch":
-        return TorchLoader(dataset, batch_size, shuffle, drop_last, seed, num_workers)
+        return TorchLoader(dataset, batch_size, shuffle, drop_last, seed, num_workers, rank, world_size)
     if name == "ffcv":
-        from fastdistill.data.ffcv_loader import FFCVLoader
-
-        return FFCVLoader(dataset, batch_size, shuffle, drop_last, seed, num_workers)
-    if name == "dali":
-        from fastdistill.data.dali_loader import DALILoader
-
-        return DALILoader(dataset, batch_size, shuffle, drop_last, seed, num_workers)
-    raise ValueError(f"unknown loader {name!r}; expected one of {', '.join(LOADERS)}")
+        from fastdistill.data.ffcv_loader import FFCVLoader as cls
+    elif name == "dali":
+        from fastdistill.data.dali_loader import DALILoader as cls
+    else:
+        raise ValueError(f"unknown loader {name!r}; expected one of {', '.join(LOADERS)}")
+    loader = cls(dataset, batch_size, shuffle, drop_last, seed, num_workers)
+    return loader if world_size == 1 else RankSlice(loader, rank, world_size)
