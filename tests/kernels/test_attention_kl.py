@@ -1,0 +1,134 @@
+"""The fused attention-KL kernel (Triton forced, TRITON_INTERPRET=1 on CPU) and its blockwise torch form against the
+float64 reference in losses/."""
+import random
+
+import pytest
+import torch
+
+from fastdistill.kernels import attention_kl as kernel
+from fastdistill.losses import attention_kl as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# atol is relative to the largest reference entry. Half precision rounds Q and K (2^-11 fp16, 2^-8 bf16 relative),
+# which moves scores of size |q||k|/sqrt(D) ~ 1 by about that much.
+DTYPES = [
+    (torch.float32, 1e-5, 1e-4),
+    (torch.float16, 5e-3, 2e-2),
+    (torch.bfloat16, 3e-2, 6e-2),
+]
+
+
+def _random_shape(seed):
+    rng = random.Random(seed)
+    return pytest.param(seed, rng.randint(1, 2), rng.randint(1, 4), rng.randint(2, 70), rng.randint(4, 40),
+                        rng.randint(4, 40), id=f"random{seed}")
+
+
+# (seed, B, H, L tokens, D_t, D_s); the kernel's tiles are lowered to 16 so that L crosses several masked blocks
+SHAPES = [
+    pytest.param(0, 2, 3, 32, 16, 16, id="regular"),
+    pytest.param(1, 1, 2, 50, 24, 40, id="odd"),  # ViT-Tiny at 28 px / patch 4: 49 patches + CLS; D_t != D_s
+    *(_random_shape(seed) for seed in (2, 3, 4)),
+]
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(kernel, "_BLOCK_M", 16)
+    monkeypatch.setattr(kernel, "_BLOCK_N", 16)
+
+
+def _inputs(seed, b, h, n, d_t, d_s, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    # teacher scores sharper than the student's (scale 2): peaked rows, as a trained teacher's
+    q_t, k_t = (2 * torch.randn(b, h, n, d_t, generator=gen) for _ in range(2))
+    q_s, k_s = (torch.randn(b, h, n, d_s, generator=gen) for _ in range(2))
+    return [t.to(DEVICE, dtype) for t in (q_t, k_t, q_s, k_s)]
+
+
+def _close(actual, expected, atol, rtol, what):
+    scale = expected.detach().abs().max().clamp_min(1e-30).item()
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _check(backend, seed, b, h, n, d_t, d_s, dtype, atol, rtol, grad_output=1.0):
+    q_t, k_t, q_s, k_s = _inputs(seed, b, h, n, d_t, d_s, dtype)
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    shape = f"backend={backend} seed={seed} B={b} H={h} L={n} D_t={d_t} D_s={d_s} {dtype}"
+    loss = kernel.attention_kl(q_t, k_t, q_s, k_s, backend=backend)
+    # the reference at float64 on the same (rounded) inputs
+    exact = [t.detach().double().requires_grad_(i >= 2) for i, t in enumerate((q_t, k_t, q_s, k_s))]
+    expected = reference.attention_kl(*exact)
+    assert loss.dtype == torch.float32, f"loss dtype {loss.dtype} at {shape}"
+    _close(loss, expected, atol, rtol, f"loss at {shape}")
+    g = torch.tensor(grad_output, device=DEVICE)
+    dq, dk = torch.autograd.grad(loss, [q_s, k_s], grad_outputs=g)
+    edq, edk = torch.autograd.grad(expected, exact[2:], grad_outputs=g.double())
+    assert dq.dtype == dk.dtype == dtype, f"gradient dtypes {dq.dtype}, {dk.dtype} at {shape}"
+    _close(dq, edq, atol, rtol, f"dL/dQ_s at {shape}, grad_output={grad_output}")
+    _close(dk, edk, atol, rtol, f"dL/dK_s at {shape}, grad_output={grad_output}")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("seed, b, h, n, d_t, d_s", SHAPES)
+def test_triton_loss_and_grads_match_float64_reference(seed, b, h, n, d_t, d_s, dtype, atol, rtol):
+    _check("triton", seed, b, h, n, d_t, d_s, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("seed, b, h, n, d_t, d_s", SHAPES[:3])
+def test_blockwise_torch_form_matches_float64_reference(seed, b, h, n, d_t, d_s, monkeypatch):
+    monkeypatch.setattr(kernel, "_TORCH_BLOCK", 16)  # several query blocks, the last one partial
+    _check("torch", seed, b, h, n, d_t, d_s, torch.float32, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_grad_output_scales_the_gradients(backend):
+    _check(backend, 5, 1, 2, 21, 8, 8, torch.float32, 1e-5, 1e-4, grad_output=-2.5)
+
+
+def test_identical_maps_give_zero_loss_and_gradient():
+    q, k = _inputs(6, 1, 2, 19, 16, 16, torch.float32)[:2]
+    q_s, k_s = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss = kernel.attention_kl(q, k, q_s, k_s, backend="triton")
+    dq, dk = torch.autograd.grad(loss, [q_s, k_s])
+    torch.testing.assert_close(loss, torch.zeros((), device=DEVICE), atol=1e-6, rtol=0, msg="KL(A || A)")
+    torch.testing.assert_close(dq, torch.zeros_like(dq), atol=1e-7, rtol=0, msg="dQ_s at A_s = A_t")
+    torch.testing.assert_close(dk, torch.zeros_like(dk), atol=1e-7, rtol=0, msg="dK_s at A_s = A_t")
+
+
+def test_teacher_gets_no_gradient_and_only_the_needed_side_is_computed():
+    q_t, k_t, q_s, k_s = _inputs(7, 1, 1, 17, 8, 8, torch.float32)
+    q_t.requires_grad_()
+    k_s.requires_grad_()
+    loss = kernel.attention_kl(q_t, k_t, q_s, k_s, backend="triton")
+    (dk,) = torch.autograd.grad(loss, [k_s])
+    exact = [t.detach().double() for t in (q_t, k_t, q_s)] + [k_s.detach().double().requires_grad_()]
+    (edk,) = torch.autograd.grad(reference.attention_kl(*exact), exact[3:])
+    _close(dk, edk, 1e-5, 1e-4, "dL/dK_s with Q_s constant")
+    assert q_t.grad is None
+
+
+def test_reference_equals_kl_of_materialised_probability_maps():
+    """An independent form: softmax maps, then sum A_t log(A_t / A_s), worked out with F.kl_div."""
+    q_t, k_t, q_s, k_s = (t.double() for t in _inputs(8, 2, 3, 11, 5, 7, torch.float32))
+    a_t = (q_t @ k_t.transpose(-2, -1) / 5**0.5).softmax(-1)
+    log_s = (q_s @ k_s.transpose(-2, -1) / 7**0.5).log_softmax(-1)
+    expected = torch.nn.functional.kl_div(log_s.flatten(0, 2), a_t.flatten(0, 2), reduction="batchmean")
+    torch.testing.assert_close(reference.attention_kl(q_t, k_t, q_s, k_s), expected, msg="reference vs F.kl_div")
+    torch.testing.assert_close(reference.attention_kl_probs(a_t, log_s.exp()), expected, msg="probability form")
+
+
+def test_bad_inputs_are_one_line_errors():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"teacher and student need the same non-empty \(B, H, L\)"):
+        kernel.attention_kl(q, q, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    with pytest.raises(ValueError, match=r"q_s must be \(B, H, L, D\)"):
+        kernel.attention_kl(q, q, torch.randn(2, 5, 4), q)
+    with pytest.raises(ValueError, match="head dim 300 exceeds"):
+        big = torch.randn(1, 1, 4, 300)
+        kernel.attention_kl(big, big, big, big, backend="triton")
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernel.attention_kl(q, q, q, q, backend="cuda")
