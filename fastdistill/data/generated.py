@@ -1,0 +1,332 @@
+"""Generated training images for knowledge distillation (``method.gen.mode=none|cls2img|img2img|folder``).
+
+- ``cls2img``: a text-to-image diffusion pipeline draws images from prompts built from the class names
+  (``method.prompts.templates``, e.g. ``a photo of a {c}.``).
+- ``img2img``: the pipeline redraws every real training image at ``strength`` (0 keeps it, 1 ignores it),
+  prompted with its class; the generated image's *source* is that real image (condition prediction needs it).
+- ``folder``: images made elsewhere, in the folder layout below.
+
+Pipelines come from ``diffusers`` (the optional extra ``pip install 'fastdistill[gen]'``) and load from any local
+Stable-Diffusion-style pipeline folder (``from_pretrained(path)``): nothing downloads. Generated images are cached
+on disk under a hash of everything that made them, in the same layout ``gen=folder`` reads::
+
+    <root>/index.json           {"classes": [...], "images": [{"file": "3/00012.png", "label": 3,
+                                  "source": "real:417" | "prompt:a photo of a 3."}, ...]}
+    <root>/<class>/<k>.png
+
+``real:<id>`` names a row of the dataset's train split (its index there), ``prompt:<text>`` a class prompt.
+Run ``python -m fastdistill.data.generated --help`` to write such a folder of augmented real images (a stand-in
+where no diffusion weights are available).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastdistill.data.dataset import read_image
+from fastdistill.data.transforms import to_input
+
+GEN_MODES = ("none", "cls2img", "img2img", "folder")
+INDEX = "index.json"
+REAL, PROMPT = "real:", "prompt:"
+
+
+@dataclass
+class GeneratedSet:
+    """Generated images with the source each was made from.
+
+    images: uint8 (N, C, H, W) at the dataset's size and channels; labels: int64 (N,);
+    sources: ``real:<train id>`` or ``prompt:<text>`` per image.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sources: list[str]
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def source_ids(self) -> torch.Tensor:
+        """int64 (N,): the train-split id of each image's real source, -1 for prompt-made images."""
+        return torch.tensor([int(s[len(REAL):]) if s.startswith(REAL) else -1 for s in self.sources],
+                            dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def build_prompts(classes: list[str], templates: list[str], class_names: list[str] | None = None) -> list[list[str]]:
+    """Prompts (C lists of T strings): every template with ``{c}`` replaced by the class name.
+
+    ``class_names`` replaces the dataset's class names (e.g. ``zero`` ... ``nine`` for digit folders);
+    underscores become spaces (``golden_retriever`` -> ``golden retriever``).
+    """
+    if not templates:
+        raise ValueError("method.prompts.templates is empty; give at least one template such as 'a photo of a {c}.'")
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise ValueError(f"prompt template {bad[0]!r} has no '{{c}}' placeholder for the class name")
+    names = list(class_names) if class_names else list(classes)
+    if len(names) != len(classes):
+        raise ValueError(f"method.prompts.class_names has {len(names)} names for {len(classes)} classes")
+    return [[t.replace("{c}", str(n).replace("_", " ")) for t in templates] for n in names]
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def write_folder(root: str | Path, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
+                 classes: list[str], meta: dict | None = None) -> Path:
+    """Write uint8 (N, C, H, W) or [0, 1] float images as ``<root>/<class>/<k>.png`` with ``index.json``.
+    The folder appears whole or not at all (written beside it, then renamed)."""
+    from PIL import Image
+
+    root = Path(root)
+    if len(sources) != len(labels) or images.shape[0] != len(labels):
+        raise ValueError(f"write_folder: {images.shape[0]} images, {len(labels)} labels, {len(sources)} sources")
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    entries, counts = [], {}
+    for img, y, src in zip(images.cpu(), labels.tolist(), sources):
+        k = counts.get(y, 0)
+        counts[y] = k + 1
+        rel = f"{y}/{k:05d}.png"
+        (tmp / str(y)).mkdir(parents=True, exist_ok=True)
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp / rel, format="PNG")
+        entries.append({"file": rel, "label": int(y), "source": src})
+    (tmp / INDEX).write_text(json.dumps({"classes": list(classes), **(meta or {}), "images": entries}, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root
+
+
+def read_folder(root: str | Path, classes: list[str], image_size: tuple[int, int], channels: int) -> GeneratedSet:
+    """A folder of generated images (layout in the module docstring), resized to the dataset's size."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"generated-image folder '{root}' does not exist")
+    index_path = root / INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(f"generated-image folder '{root}' has no {INDEX} (entries file, label, source)")
+    try:
+        index = json.loads(index_path.read_text())
+        entries = index["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"'{index_path}' is not a generated-image index ({type(e).__name__}: {e})") from None
+    if index.get("classes") is not None and list(index["classes"]) != list(classes):
+        raise ValueError(f"'{index_path}' was made for classes {list(index['classes'])[:5]}... but the dataset has "
+                         f"{list(classes)[:5]}...: labels would not match")
+    images, labels, sources = [], [], []
+    for i, e in enumerate(entries):
+        label, src = e.get("label"), str(e.get("source", ""))
+        if not isinstance(label, int) or not 0 <= label < len(classes):
+            raise ValueError(f"'{index_path}' entry {i}: label {label!r} is not a class index in [0, {len(classes)})")
+        if not (src.startswith(PROMPT) or (src.startswith(REAL) and src[len(REAL):].isdigit())):
+            raise ValueError(f"'{index_path}' entry {i}: source {src!r} must be 'real:<train id>' or 'prompt:<text>'")
+        path = root / e["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"'{index_path}' entry {i}: image '{path}' not found")
+        images.append(read_image(path, image_size, channels))
+        labels.append(label)
+        sources.append(src)
+    if not images:
+        raise ValueError(f"'{index_path}' lists no images")
+    return GeneratedSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), sources, root)
+
+
+# ------------------------------------------------------------------------------------------------ diffusion
+def load_pipeline(mode: str, path: str | None, device: torch.device):
+    """A local diffusers pipeline folder as a text-to-image (cls2img) or image-to-image (img2img) pipeline."""
+    try:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+    except ImportError:
+        raise ModuleNotFoundError(f"gen={mode} needs diffusers: pip install 'fastdistill[gen]'") from None
+    if not path:
+        raise ValueError(f"gen={mode} needs method.gen.pipeline=/path/to/a/diffusers/pipeline/folder")
+    folder = Path(str(path)).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"diffusion pipeline '{folder}' not found (a folder with model_index.json, as "
+                                f"save_pretrained writes it)")
+    cls = AutoPipelineForText2Image if mode == "cls2img" else AutoPipelineForImage2Image
+    pipe = cls.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_resolution(pipe, resolution: int | None) -> int:
+    """The pixel size the pipeline draws at: ``resolution`` or its UNet's native size."""
+    if resolution:
+        return int(resolution)
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def _to_dataset_images(x: torch.Tensor, image_size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Pipeline output ([0, 1] float (N, 3, h, w)) -> uint8 at the dataset's size and channels."""
+    x = to_input(x.float().clamp(0, 1), tuple(image_size), channels)
+    return (x * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def generate_cls2img(pipe, prompts: list[list[str]], per_class: int, image_size: tuple[int, int], channels: int,
+                     steps: int, guidance: float, resolution: int, seed: int, batch_size: int) -> GeneratedSet:
+    """``per_class`` images of every class, cycling over its prompts; image i of class c has seed (seed, c, i)."""
+    images, labels, sources = [], [], []
+    todo = [(c, i, prompts[c][i % len(prompts[c])]) for c in range(len(prompts)) for i in range(per_class)]
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        gens = [torch.Generator().manual_seed(hash_seed(seed, c, i)) for c, i, _ in chunk]
+        out = pipe(prompt=[p for _, _, p in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   height=resolution, width=resolution, generator=gens, output_type="pt").images
+        images.append(_to_dataset_images(out, image_size, channels))
+        labels += [c for c, _, _ in chunk]
+        sources += [PROMPT + p for _, _, p in chunk]
+    return GeneratedSet(torch.cat(images), torch.tensor(labels, dtype=torch.long), sources)
+
+
+@torch.no_grad()
+def generate_img2img(pipe, real: torch.Tensor, labels: torch.Tensor, real_ids: torch.Tensor,
+                     prompts: list[list[str]], per_image: int, strength: float, image_size: tuple[int, int],
+                     channels: int, steps: int, guidance: float, resolution: int, seed: int,
+                     batch_size: int) -> GeneratedSet:
+    """``per_image`` redraws of every real image (uint8 (R, C, H, W), train ids ``real_ids``) at ``strength``,
+    prompted with the image's class; each is recorded with its source ``real:<id>``."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"method.gen.strength must be in (0, 1], got {strength!r}")
+    todo = [(r, k) for r in range(real.shape[0]) for k in range(per_image)]
+    images, out_labels, sources = [], [], []
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        rows = torch.tensor([r for r, _ in chunk])
+        x = to_input(real[rows], (resolution, resolution), 3)
+        ys = labels[rows].tolist()
+        gens = [torch.Generator().manual_seed(hash_seed(seed, int(real_ids[r]), k)) for r, k in chunk]
+        prompt = [prompts[y][k % len(prompts[y])] for y, (_, k) in zip(ys, chunk)]
+        out = pipe(prompt=prompt, image=x, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="pt").images
+        images.append(_to_dataset_images(out, image_size, channels))
+        out_labels += ys
+        sources += [f"{REAL}{int(real_ids[r])}" for r, _ in chunk]
+    return GeneratedSet(torch.cat(images), torch.tensor(out_labels, dtype=torch.long), sources)
+
+
+def hash_seed(*parts) -> int:
+    """A 63-bit seed from a tuple: the same image gets the same noise whatever the batch it falls in."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def generation_key(**fields) -> str:
+    """Hash of everything that determines a generated set (the cache folder's name)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]], seed: int,
+                    device: torch.device, cache_dir: Path) -> GeneratedSet | None:
+    """The generated set a ``method.gen`` config asks for (None for ``none``), from the cache when it is there.
+
+    ``train`` is the train split, ``real_ids`` the ids (rows of it) of the real images the student may use:
+    img2img redraws these, and a folder may only name these as sources (more would leak real images).
+    """
+    mode = gen.mode
+    if mode not in GEN_MODES:
+        raise ValueError(f"unknown method.gen.mode {mode!r}; expected one of {', '.join(GEN_MODES)}")
+    if mode == "none":
+        return None
+    size, channels = tuple(train.image_size), train.channels
+    if mode == "folder":
+        if not gen.folder:
+            raise ValueError("gen=folder needs method.gen.folder=DIR (images with an index.json of sources)")
+        out = read_folder(gen.folder, train.classes, size, channels)
+        allowed = set(real_ids.tolist())
+        ids = out.source_ids()
+        outside = [int(i) for i in ids if i >= 0 and int(i) not in allowed]
+        if outside:
+            raise ValueError(f"'{gen.folder}' has images made from real:{outside[0]} (and {len(outside) - 1} more), "
+                             f"which is not among the student's real images: it would leak real data")
+        return out
+    real = train.load_all()[real_ids]
+    labels = train.labels[real_ids]
+    key = generation_key(mode=mode, pipeline=str(Path(str(gen.pipeline)).expanduser().resolve()) if gen.pipeline
+                         else None, prompts=prompts, multiplier=gen.multiplier, strength=gen.strength, steps=gen.steps,
+                         guidance=gen.guidance, resolution=gen.resolution, seed=seed, real_ids=real_ids.tolist(),
+                         data=train.name, size=size, channels=channels)
+    root = Path(cache_dir) / key
+    if (root / INDEX).is_file():
+        return read_folder(root, train.classes, size, channels)
+    pipe = load_pipeline(mode, gen.pipeline, device)
+    res = pipeline_resolution(pipe, gen.resolution)
+    if mode == "cls2img":
+        per_class = gen.multiplier * max(1, real_ids.numel() // len(train.classes))
+        out = generate_cls2img(pipe, prompts, per_class, size, channels, gen.steps, gen.guidance, res, seed,
+                               gen.batch_size)
+    else:
+        out = generate_img2img(pipe, real, labels, real_ids, prompts, gen.multiplier, gen.strength, size, channels,
+                               gen.steps, gen.guidance, res, seed, gen.batch_size)
+    write_folder(root, out.images, out.labels, out.sources, train.classes,
+                 {"made_by": mode, "pipeline": str(gen.pipeline), "strength": gen.strength, "steps": gen.steps})
+    out.root = root
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ stand-in
+def augment_images(real: torch.Tensor, per_image: int, seed: int, degrees: float = 12.0,
+                   translate: float = 0.1, scale: tuple[float, float] = (0.85, 1.1),
+                   distortion: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_image`` random affine + perspective variants of every uint8 image (R, C, H, W) -> uint8
+    (R * per_image, C, H, W) and the row of the real image each came from. A stand-in for img2img where no
+    diffusion weights are at hand: a transformed real image, not a new one."""
+    from torchvision.transforms import v2
+
+    torch.manual_seed(seed)
+    aug = v2.Compose([v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale),
+                      v2.RandomPerspective(distortion_scale=distortion, p=0.5)])
+    out, rows = [], []
+    for r in range(real.shape[0]):
+        for _ in range(per_image):
+            out.append(aug(real[r]))
+            rows.append(r)
+    return torch.stack(out), torch.tensor(rows, dtype=torch.long)
+
+
+def _main(argv=None) -> None:
+    """Write a ``gen=folder`` of augmented real images of the train split, with ``real:<id>`` sources."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from fastdistill.data import build_dataset
+    from fastdistill.run import compose
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
+    p.add_argument("--per-image", type=int, default=4, help="variants per real image (4: the published 4x)")
+    p.add_argument("--real-per-class", type=int, default=None,
+                   help="only these real images per class, drawn as +method=kd_clip draws them with --seed "
+                        "(default: every train image)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="config overrides naming the data, e.g. data=imagefolder data.root=DIR")
+    args = p.parse_args(argv)
+    cfg = compose(["+method=kd_clip", f"seed={args.seed}", *args.overrides])
+    train = build_dataset(cfg.data)["train"]
+    if args.real_per_class:
+        from fastdistill.recipes.kd_clip import real_subset
+
+        ids = real_subset(train, args.real_per_class, args.seed)
+    else:
+        ids = torch.arange(len(train))
+    real = train.load_all()[ids]
+    images, rows = augment_images(real, args.per_image, args.seed)
+    root = write_folder(args.out, images, train.labels[ids][rows], [f"{REAL}{int(ids[r])}" for r in rows],
+                        train.classes, {"made_by": "augment_images", "data": OmegaConf.to_container(cfg.data)})
+    print(f"{len(rows)} images from {len(ids)} real images -> {root}")
+
+
+if __name__ == "__main__":
+    _main()
