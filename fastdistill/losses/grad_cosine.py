@@ -168,3 +168,95 @@ def grad_cosine_loss(
         term = w_m * (1.0 - cos)
         loss = term if loss is None else loss + term
     return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss in pieces, for the two-pass and data-parallel LGM step (recipes/lgm.py): the head gradient is a sum over
+# views, so slices of the views (chunks, ranks) contribute partial sums that add up; the loss and its adjoint need
+# only the summed (C, D) gradients; the feature gradient of each view then needs only its own features.
+
+
+def _head_error(feats, labels, weight, bias):
+    dtype = torch.promote_types(feats.dtype, torch.float32)
+    f = feats.to(dtype)
+    probs = torch.softmax(f @ weight.to(dtype).T + bias.to(dtype), dim=1)
+    return probs - F.one_hot(labels.long(), weight.shape[0]).to(dtype), f
+
+
+def linear_head_grad_sums(
+    feats: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-normalised head gradient of a slice of the views: (E^T F (C, D), sum_n E (C,)), E = softmax(F W^T + b) - Y.
+
+    Summed over the slices of N views and divided by N, they are :func:`linear_head_grad` of all N. float32
+    (float64 for float64 inputs); no autograd graph is needed (call it under ``torch.no_grad``).
+    """
+    check_linear_head_inputs("linear_head_grad_sums", feats, labels, weight, bias)
+    check_labels("linear_head_grad_sums", labels, weight.shape[0])
+    err, f = _head_error(feats, labels, weight, bias)
+    return err.T @ f, err.sum(0)
+
+
+def grad_cosine_adjoint(
+    head_grads: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    real_grads: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    backbone_weights: Sequence[float],
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The LGM loss from the summed head gradients and its gradient with respect to them, in closed form.
+
+    With s = vec(G, g_b), r = vec(G_r, g_br) per backbone, L = sum_m w_m (1 - cos(s, r)) and
+
+        dL/ds = -w_m (r / (|s| |r|) - cos(s, r) s / |s|^2)      (norms clamped at EPS as in grad_cosine_loss)
+
+    Args:
+        head_grads: M pairs (G (C, D_m), g_b (C,)), the synthetic views' head gradients (already divided by N).
+        real_grads: M pairs (G_r, g_br) of the real batch. backbone_weights: M floats w_m.
+
+    Returns:
+        The scalar loss and M pairs (A = dL/dG (C, D_m), a = dL/dg_b (C,)), in the dtype of ``head_grads``.
+    """
+    loss, adjoints = None, []
+    for (g, g_b), (g_r, gb_r), w_m in zip(head_grads, real_grads, backbone_weights):
+        s = torch.cat([g.flatten(), g_b])
+        r = torch.cat([g_r.flatten(), gb_r]).to(s.dtype)
+        s_norm, r_norm = s.norm(), r.norm()
+        s_den, r_den = s_norm.clamp_min(EPS), r_norm.clamp_min(EPS)
+        cos = s @ r / (s_den * r_den)
+        # a clamped norm is a constant: its term of the derivative vanishes
+        ds = r / (s_den * r_den) - torch.where(s_norm > EPS, cos / s_den**2, torch.zeros_like(cos)) * s
+        ds = -w_m * ds
+        adjoints.append((ds[:-g_b.numel()].view_as(g), ds[-g_b.numel():]))
+        term = w_m * (1.0 - cos)
+        loss = term if loss is None else loss + term
+    return loss, adjoints
+
+
+def grad_cosine_feature_grad(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    adjoint: tuple[torch.Tensor, torch.Tensor],
+    num_views: int,
+) -> torch.Tensor:
+    """dL/dF of a slice of the views for one backbone, given the adjoint (A, a) of :func:`grad_cosine_adjoint`.
+
+    G = E^T F / N and g_b = sum_n E / N with E = P - Y, P = softmax(Z), Z = F W^T + b, so (Q = F A^T + a):
+
+        dL/dF = (E A + dZ W) / N,   dZ = P * (Q - rowsum(P * Q))
+
+    Args:
+        feats: (n, D) features of the slice; labels: (n,); weight (C, D), bias (C,): the backbone's head.
+        adjoint: (A (C, D), a (C,)). num_views: N, the number of synthetic views of all slices together.
+
+    Returns:
+        (n, D) float32 (float64 for float64 inputs): the rows of the full feature gradient for this slice.
+    """
+    check_linear_head_inputs("grad_cosine_feature_grad", feats, labels, weight, bias)
+    err, f = _head_error(feats, labels, weight, bias)
+    a_w, a_b = (t.to(f.dtype) for t in adjoint)
+    w = weight.to(f.dtype)
+    probs = err + F.one_hot(labels.long(), weight.shape[0]).to(f.dtype)
+    q = f @ a_w.T + a_b
+    dz = probs * (q - (probs * q).sum(1, keepdim=True))
+    return (err @ a_w + dz @ w) / num_views

@@ -25,18 +25,21 @@ Keys that matter: ``ipc``, ``method.backbones``, ``method.backbone_weights``, ``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.compile import should_compile
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import grad_cosine_loss, linear_head_grad
+from fastdistill.losses.grad_cosine import grad_cosine_adjoint, grad_cosine_feature_grad, linear_head_grad_sums
 from fastdistill.models import Backbone, create_backbone, parse_backbone_id
 from fastdistill.profiling import Profiler
 
@@ -82,17 +85,102 @@ def encode(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return z
 
 
+def draw_views(n: int, crop_scale, hflip: bool, noise_p: float, noise: bool) -> dict[str, torch.Tensor]:
+    """Augmentation parameters of ``n`` views, drawn from the global CPU generator (checkpointed) in one fixed order:
+    random-resized-crop window (area ``crop_scale``, ratio 3/4-4/3, kept inside the image), flip (p 0.5) where
+    allowed, and whether (p ``noise_p``) and with which seed each view gets its Gaussian noise.
+
+    Stored parameters make a view reproducible on its own: the two-pass step replays a chunk's views in pass 2,
+    and ``torchrun`` ranks draw the parameters of all views (the same on every rank) and each applies its slice,
+    so the draws do not depend on the chunk size or the number of ranks. Returns CPU tensors of n rows: ``theta``
+    (n, 2, 3) the affine map of ``F.affine_grid`` (flip folded in), ``noise`` (n,) bool, ``seed`` (n,) int64.
+    """
+    area = torch.empty(n).uniform_(crop_scale[0], crop_scale[1])
+    log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3))
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # fractions of the width and height
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
+    # every window lies inside the image: the published crop lets about 14 % leave it and pads zeros (METHODS.md)
+    cx = (torch.rand(n) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n) * 2 - 1) * (1 - h)
+    if hflip:  # a mirrored window is a flipped view (align_corners=False keeps the pixel grid symmetric)
+        w = torch.where(torch.rand(n) < 0.5, -w, w)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    on = torch.rand(n) < noise_p if noise else torch.zeros(n, dtype=torch.bool)
+    seed = torch.randint(0, 2**62, (n,)) if noise else torch.zeros(n, dtype=torch.int64)
+    return {"theta": theta, "noise": on, "seed": seed}
+
+
+def take_views(views: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in views.items()}
+
+
+def apply_views(x: torch.Tensor, views: dict[str, torch.Tensor], size: tuple[int, int], noise_mean: float,
+                noise_std: float) -> torch.Tensor:
+    """Views of ``x`` (n, ch, H, W), one per row of ``views`` (:func:`draw_views`), at ``size``: differentiable in x
+    (affine_grid / grid_sample, bilinear, reflection padding), plus N(noise_mean, noise_std^2) noise where drawn."""
+    theta = views["theta"].to(x.device, x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    rows = views["noise"].nonzero().flatten().tolist()
+    if rows and noise_std + abs(noise_mean) > 0:
+        # one generator per view, seeded by its draw: the view's noise is the same in any chunk and on any rank
+        noise = torch.zeros_like(x)
+        for i in rows:
+            gen = torch.Generator(x.device).manual_seed(int(views["seed"][i]))
+            noise[i] = torch.randn(x.shape[1:], generator=gen, device=x.device, dtype=x.dtype)
+        x = x + views["noise"].to(x.device, x.dtype).view(-1, 1, 1, 1) * noise_mean + noise_std * noise
+    return x
+
+
 def augment(x: torch.Tensor, size: tuple[int, int], crop_scale, hflip: bool, noise_mean: float, noise_std: float,
             noise_p: float) -> torch.Tensor:
     """Per-sample, differentiable: random-resized-crop to ``size``, flip (p 0.5) where allowed, additive
     Gaussian noise N(noise_mean, noise_std^2) on a random ``noise_p`` of the samples. Global RNG (checkpointed)."""
-    x = random_resized_crop(x, size, scale=tuple(crop_scale), per_sample=True)
-    if hflip:
-        x = random_hflip(x)
-    if noise_p > 0 and noise_std + abs(noise_mean) > 0:
-        on = (torch.rand(x.shape[0]) < noise_p).to(x.device, x.dtype).view(-1, 1, 1, 1)
-        x = x + on * (noise_mean + noise_std * torch.randn_like(x))
-    return x
+    views = draw_views(x.shape[0], crop_scale, hflip, noise_p, noise=noise_p > 0 and noise_std + abs(noise_mean) > 0)
+    return apply_views(x, views, size, noise_mean, noise_std)
+
+
+def activation_mib_per_view(backbone: Backbone, size: tuple[int, int], precision: Precision) -> float:
+    """MiB that autograd saves per view in one forward of ``backbone`` (the slope between 2 and 4 views, so that
+    batch-independent buffers do not count; weights excluded): what a pass-2 chunk of views keeps alive."""
+    device = backbone.mean.device
+    params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
+
+    def saved_bytes(n: int) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = torch.zeros(n, 3, *size, device=device, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.autocast():
+            backbone.embed(x)
+        return sum(seen.values())
+
+    return max(saved_bytes(4) - saved_bytes(2), 1) / 2 / 2**20
+
+
+def memory_budget_mib(device: torch.device) -> float:
+    """Default activation budget of ``chunk_size: auto``: half the free CUDA memory, a quarter of the host's
+    available memory on CPU (pass 1's features, the decode and the allocator need the rest)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return available_kib / 1024 / 4
+
+
+def auto_chunk_size(backbones: list[Backbone], size: tuple[int, int], precision: Precision,
+                    budget_mib: float | None) -> int:
+    """The largest chunk whose saved activations fit the budget in the largest backbone (pass 2 runs one backbone
+    at a time)."""
+    budget = budget_mib or memory_budget_mib(backbones[0].mean.device)
+    per_view = max(activation_mib_per_view(b, size, precision) for b in backbones)
+    return max(1, int(budget // per_view))
 
 
 def _as_list(value, n: int, key: str) -> list:
@@ -136,6 +224,12 @@ class LGMRecipe:
             raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
         if not 0 <= m.noise_p <= 1 or m.noise_std < 0:
             raise ValueError(f"method.noise_p must be in [0, 1] and noise_std >= 0, got {m.noise_p!r}, {m.noise_std!r}")
+        chunk = m.get("chunk_size", 0)
+        if not (chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0)):
+            raise ValueError(f"method.chunk_size must be an integer >= 0 (0 = one pass) or auto, got {chunk!r}")
+        budget = m.get("memory_budget_mib")
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ValueError(f"method.memory_budget_mib must be a number of MiB > 0 or null, got {budget!r}")
         check_probe_config(cfg.eval)
         seen = [b for b in m.backbones if same_architecture(b, cfg.eval.backbone)]
         if seen:
@@ -178,6 +272,9 @@ class LGMRecipe:
                                  f"{self.view_size[0]}; set method.image_size={b.spec.input_size[0]}")
         compile_ = should_compile(cfg.compile, self.device)
         self.embeds = [torch.compile(b.embed) if compile_ else b.embed for b in self.backbones]
+        self.chunk_size = m.get("chunk_size", 0)
+        if self.chunk_size == "auto":
+            self.chunk_size = auto_chunk_size(self.backbones, self.view_size, self.precision, m.get("memory_budget_mib"))
         self.n_images = num_classes * cfg.ipc
         self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)  # class-major
         self.sizes = pyramid_sizes(*self.image_size) if m.parametrization == "pyramid" else [self.image_size]
@@ -243,9 +340,10 @@ class LGMRecipe:
         return decode(self.levels, self.base)
 
     # ------------------------------------------------------------------ distillation
-    def real_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size."""
-        idx = torch.randint(len(self.real_labels), (n,))
+    def real_batch(self, n: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size; all n
+        indices are drawn (the same stream on every rank), only ``rows`` of them are loaded."""
+        idx = torch.randint(len(self.real_labels), (n,))[rows]
         if self.train_set.images is not None:
             x = self.train_set.images[idx]
         else:  # image folders: decode only the drawn files
@@ -253,37 +351,122 @@ class LGMRecipe:
         x = to_input(x.to(self.device, non_blocking=True), self.image_size, self.channels)
         return x, self.real_labels[idx].to(self.device)
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def draw_views(self, n: int) -> dict[str, torch.Tensor]:
         m = self.cfg.method
-        return augment(x, self.view_size, m.crop_scale, self.hflip, m.noise_mean, m.noise_std, m.noise_p)
+        return draw_views(n, m.crop_scale, self.hflip, m.noise_p, noise=m.noise_p > 0 and m.noise_std + abs(m.noise_mean) > 0)
+
+    def apply_views(self, x: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = self.cfg.method
+        return apply_views(x, views, self.view_size, m.noise_mean, m.noise_std)
 
     def distill_step(self, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One LGM step on all backbones; returns the loss (detached, on the device; no sync)."""
-        cfg, m = self.cfg, self.cfg.method
-        augs = m.augs_per_batch
-        syn_labels = self.labels.to(self.device).repeat(augs)
-        syn_views = self.augment(self.images().repeat(augs, 1, 1, 1))
-        real_x, real_y = real if real is not None else self.real_batch(augs * self.n_images)
-        with torch.no_grad():  # the real side never needs a graph (the published code records one, unused)
-            real_views = self.augment(real_x)
-        feats, weights, biases, real_grads = [], [], [], []
-        for backbone, embed in zip(self.backbones, self.embeds):
-            d = backbone.spec.feature_dim
-            w = HEAD_STD * torch.randn(self.num_classes, d, device=self.device)
-            b = torch.zeros(self.num_classes, device=self.device)
-            with torch.no_grad(), self.precision.autocast():
-                real_feats = embed(real_views)
-            real_grads.append(linear_head_grad(real_feats, real_y, w, b, backend=cfg.kernels))
-            with self.precision.autocast():
-                feats.append(embed(syn_views))
-            weights.append(w)
-            biases.append(b)
-        loss = self.matching_loss(feats, syn_labels, weights, biases, real_grads, self.backbone_weights,
-                                  backend=cfg.kernels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
+        loss = self.compute_gradients(real)
         self.precision.step(self.optimizer)
         return loss.detach()
+
+    def compute_gradients(self, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Draw the step's views, real batch and heads, and leave dL/d(synthetic parameters) in their ``.grad``
+        (times the fp16 loss scale); returns the loss. ``real`` (all ``augs * n_images`` of them) replaces the draw
+        of a real batch (tests, benchmarks)."""
+        n = self.cfg.method.augs_per_batch * self.n_images
+        # every draw of the step comes from the global generators in this order, whatever the chunk size or rank count
+        syn_views = self.draw_views(n)
+        rows = slice(0, n)
+        real_x, real_y = self.real_batch(n, rows) if real is None else (real[0][rows], real[1][rows])
+        real_views = self.draw_views(n)
+        heads = [(HEAD_STD * torch.randn(self.num_classes, b.spec.feature_dim, device=self.device),
+                  torch.zeros(self.num_classes, device=self.device)) for b in self.backbones]
+        if self.chunk_size == 0:
+            return self._one_pass(syn_views, real_x, real_y, real_views, heads)
+        return self._two_pass(syn_views, real_x, real_y, real_views, heads)
+
+    def _one_pass(self, syn_views, real_x, real_y, real_views, heads) -> torch.Tensor:
+        """The step of the LGM issue: every synthetic view's activations are kept for one backward through the
+        fused loss, so memory grows linearly with augs_per_batch (about 114 MiB per ViT-B/16 view, METHODS.md)."""
+        cfg, augs = self.cfg, self.cfg.method.augs_per_batch
+        syn_labels = self.labels.to(self.device).repeat(augs)
+        syn_x = self.apply_views(self.images().repeat(augs, 1, 1, 1), syn_views)
+        with torch.no_grad():  # the real side never needs a graph (the published code records one, unused)
+            real_x = self.apply_views(real_x, real_views)
+        feats, real_grads = [], []
+        for embed, (w, b) in zip(self.embeds, heads):
+            with torch.no_grad(), self.precision.autocast():
+                real_feats = embed(real_x)
+            real_grads.append(linear_head_grad(real_feats, real_y, w, b, backend=cfg.kernels))
+            with self.precision.autocast():
+                feats.append(embed(syn_x))
+        loss = self.matching_loss(feats, syn_labels, [h[0] for h in heads], [h[1] for h in heads], real_grads,
+                                  self.backbone_weights, backend=cfg.kernels)
+        self.precision.backward(loss)
+        return loss
+
+    def _chunks(self, rows: range):
+        for start in range(rows.start, rows.stop, self.chunk_size):
+            yield range(start, min(start + self.chunk_size, rows.stop))
+
+    def _two_pass(self, syn_views, real_x, real_y, real_views, heads) -> torch.Tensor:
+        """The memory-bounded step: the same function as :meth:`_one_pass`, with at most ``chunk_size`` views'
+        activations of one backbone alive at a time.
+
+        Pass 1 (no autograd), chunk by chunk: features of the real and synthetic views and the head gradients'
+        partial sums; then the loss and dL/dF of every synthetic view in closed form (losses/grad_cosine.py).
+        Pass 2, chunk by chunk: the same views again (stored draws), the backbone with autograd, and
+        ``F_chunk.backward(dL/dF_chunk)`` into the synthetic images; one backward through the decode at the end.
+        """
+        augs, n_img = self.cfg.method.augs_per_batch, self.n_images
+        n = augs * n_img
+        syn_rows, real_rows = range(0, n), range(0, len(real_y))
+        syn_labels = self.labels.to(self.device).repeat(augs)
+        images = self.images()
+        pixels = images.detach().requires_grad_()  # pass 2 accumulates dL/d(images) here
+
+        def syn_chunk(rows: range) -> torch.Tensor:  # view i is synthetic image i mod n_images
+            return self.apply_views(pixels[torch.arange(rows.start, rows.stop) % n_img], take_views(syn_views, rows))
+
+        # pass 1: features and partial head-gradient sums, no graph
+        real_sums = [[0.0, 0.0] for _ in self.backbones]
+        syn_sums = [[0.0, 0.0] for _ in self.backbones]
+        feats = [[] for _ in self.backbones]
+        with torch.no_grad():
+            for rows in self._chunks(real_rows):
+                x = self.apply_views(real_x[rows.start:rows.stop], take_views(real_views, rows))
+                for m, (embed, (w, b)) in enumerate(zip(self.embeds, heads)):
+                    with self.precision.autocast():
+                        f = embed(x)
+                    for k, t in enumerate(linear_head_grad_sums(f, real_y[rows.start:rows.stop], w, b)):
+                        real_sums[m][k] = real_sums[m][k] + t
+            for rows in self._chunks(syn_rows):
+                x = syn_chunk(rows)
+                for m, (embed, (w, b)) in enumerate(zip(self.embeds, heads)):
+                    with self.precision.autocast():
+                        f = embed(x)
+                    f = f.to(torch.promote_types(f.dtype, torch.float32))  # bf16/fp16 features -> fp32 statistics
+                    feats[m].append(f)
+                    for k, t in enumerate(linear_head_grad_sums(f, syn_labels[rows.start:rows.stop], w, b)):
+                        syn_sums[m][k] = syn_sums[m][k] + t
+        n_real = len(real_y)
+        real_grads = [(s[0] / n_real, s[1] / n_real) for s in real_sums]
+        loss, adjoints = grad_cosine_adjoint([(s[0] / n, s[1] / n) for s in syn_sums], real_grads,
+                                             self.backbone_weights)
+        feat_grads = [self.precision.scaler.scale(grad_cosine_feature_grad(
+            torch.cat(f), syn_labels[syn_rows.start:syn_rows.stop], w, b, adj, n))
+            for f, (w, b), adj in zip(feats, heads, adjoints)]
+        del feats
+
+        # pass 2: the same views with autograd, one backbone at a time
+        for rows in self._chunks(syn_rows):
+            x = syn_chunk(rows)
+            x_leaf = x.detach().requires_grad_()
+            local = slice(rows.start - syn_rows.start, rows.stop - syn_rows.start)
+            for embed, grad in zip(self.embeds, feat_grads):
+                with self.precision.autocast():
+                    f = embed(x_leaf)
+                f.backward(grad[local].to(f.dtype))
+            x.backward(x_leaf.grad)
+        images.backward(pixels.grad)
+        return loss
 
     def train(self) -> None:
         cfg, m = self.cfg, self.cfg.method
