@@ -11,6 +11,7 @@ import importlib
 RECIPES = {
     "evaluate": "fastdistill.recipes.evaluate",
     "fadrm": "fastdistill.recipes.fadrm",
+    "kd_multi": "fastdistill.recipes.kd_multi",
     "lgm": "fastdistill.recipes.lgm",
     "teacher": "fastdistill.recipes.teacher",
 }

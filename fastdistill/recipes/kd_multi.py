@@ -1,0 +1,387 @@
+"""Multi-SSL-teacher knowledge distillation into a ViT student with attention transfer (``+method=kd_multi``).
+
+Two frozen-body teachers, a contrastive one (CL, e.g. DINO) and a masked-image-modelling one (MIM, e.g. MAE), each
+get a classification head trained jointly with the student, in one stage (``adaptation``: ``linear`` = the head
+only, ``partial1`` = the last transformer block, the final norm and the head, ``full`` = everything). The student
+ViT learns from the labels, both teachers' class distributions and one attention head of each teacher:
+
+    L = CE_S + CE_CL + CE_MIM + L_KD + L_Attn
+    L_KD   = l1 T^2 KL(p_CL || p_S) + (1 - l1) T^2 KL(p_MIM || p_S)                      (p = softmax(z / T))
+    L_Attn = l2 KL(A_CL^h* || A_S^S1) + (1 - l2) KL(A_MIM^h* || A_S^S2)      per attention row, layer ``attention_layer``
+
+where each teacher's head h* has the highest Attention Confidence C_h = mean_q max_k A_h(q, k) on the batch, and
+S1, S2 are fixed student heads (``student_heads``). Teacher signals are constants of the student's losses. A teacher
+with another patch grid has its queries and keys resampled onto the student's grid. The attention KL runs fused
+(``kernels/attention_kl.py``: Triton on CUDA, the blockwise torch form elsewhere; no L x L map is kept for the
+backward) unless ``fused_attention_kl=false`` (the materialised reference).
+
+The same student is also trained alone (CE only, the same optimiser, schedule, augmentation and initial weights):
+``metrics.json`` holds ``{"student": {"kd": acc, "baseline": acc}, "teachers": {...}}``. Teachers come from
+``weights``: ``none`` / ``hub`` / a weights file / a run folder with ``teacher.json`` / ``trained`` (trained on the
+run's data by the recipe named in ``recipe``, e.g. ``dino`` or ``mae``, and cached under a hash of its config).
+
+Keys that matter: ``model`` (student), ``method.teachers``, ``method.adaptation``, ``method.lambda_output``,
+``method.lambda_attention``, ``method.temperature``, ``method.train_per_class``, ``method.epochs``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.engine.seeding import rng_state, set_rng_state
+from fastdistill.eval.classify import accuracy
+from fastdistill.kernels import attention_kl as fused
+from fastdistill.losses import attention_kl as reference
+from fastdistill.losses.kd import (attention_confidence_qk, multi_teacher_attention_kd, multi_teacher_output_kd,
+                                   resample_tokens)
+from fastdistill.models import Backbone, create_backbone
+from fastdistill.profiling import Profiler
+from fastdistill.recipes.teacher import CARD, WEIGHTS, cache_root, config_hash
+
+ROLES = ("cl", "mim")
+ADAPTATIONS = ("linear", "partial1", "full")
+STAGES = ("baseline", "kd")
+
+
+class QKTap:
+    """Queries and keys (B, H, L, D) of one block of a timm ViT, read from the output of its qkv projection (the
+    fused attention path never returns them); they keep their graph when the block is trained."""
+
+    def __init__(self, backbone: Backbone, layer: int):
+        blocks = getattr(backbone.model, "blocks", None)
+        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
+            raise ValueError(f"{backbone.spec.name} is not a ViT with qkv attention: kd_multi needs ViT teachers and "
+                             f"student")
+        if not -len(blocks) <= layer < len(blocks):
+            raise ValueError(f"attention_layer {layer} is outside the {len(blocks)} blocks of {backbone.spec.name}")
+        self.attn = blocks[layer].attn
+        self.q = self.k = None
+        self.handle = self.attn.qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        b, length, _ = out.shape
+        qkv = out.reshape(b, length, 3, self.attn.num_heads, self.attn.head_dim).permute(2, 0, 3, 1, 4)
+        self.q, self.k = self.attn.q_norm(qkv[0]), self.attn.k_norm(qkv[1])
+
+    def pop(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, self.q, self.k = self.q, self.k, None, None
+        return q, k
+
+
+def _grid(backbone: Backbone, size: tuple[int, int]) -> tuple[int, int]:
+    p = backbone.spec.patch_size
+    return size[0] // p, size[1] // p
+
+
+def ensure_trained(recipe: str, model: str, model_kwargs, preset: str, overrides, cfg: DictConfig) -> Path:
+    """The run folder of ``model`` trained on the run's data by ``+method=recipe`` (``teacher``, ``dino``, ``mae``)
+    with ``preset``, training it if needed (cached by config hash; a killed training resumes)."""
+    from fastdistill.recipes import get_recipe
+    from fastdistill.run import compose
+
+    tcfg = compose([f"+method={recipe}", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
+                    f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",
+                    f"loader={cfg.loader}", *overrides])
+    tcfg.data = cfg.data
+    if model_kwargs is not None:  # null keeps the training recipe's own
+        tcfg.method.model_kwargs = model_kwargs
+    if "cache" in tcfg.method:
+        tcfg.method.cache = False  # this folder is the cache
+    folder = cache_root() / "kd_multi" / recipe / config_hash(tcfg)
+    if not (folder / CARD).is_file():
+        tcfg.out = str(folder)
+        tcfg.resume = (folder / "checkpoint.pt").is_file()
+        get_recipe(recipe).main(tcfg)
+    return folder
+
+
+class KDMultiRecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        from fastdistill.recipes import RECIPES
+
+        for key in ("epochs", "batch_size"):
+            if not isinstance(m[key], int) or m[key] < 1:
+                raise ValueError(f"method.{key} must be an integer >= 1, got {m[key]!r}")
+        if m.adaptation not in ADAPTATIONS:
+            raise ValueError(f"unknown method.adaptation {m.adaptation!r}; expected one of {', '.join(ADAPTATIONS)}")
+        for key in ("lambda_output", "lambda_attention"):
+            if not 0.0 <= float(m[key]) <= 1.0:
+                raise ValueError(f"method.{key} must be in [0, 1], got {m[key]!r}")
+        if not float(m.temperature) > 0:
+            raise ValueError(f"method.temperature must be > 0, got {m.temperature!r}")
+        if len(m.student_heads) != 2 or any(not isinstance(h, int) or h < 0 for h in m.student_heads):
+            raise ValueError(f"method.student_heads must be two head indices [S1, S2], got {list(m.student_heads)}")
+        if m.train_per_class is not None and (not isinstance(m.train_per_class, int) or m.train_per_class < 1):
+            raise ValueError(f"method.train_per_class must be null or an integer >= 1, got {m.train_per_class!r}")
+        if sorted(m.teachers) != sorted(ROLES):
+            raise ValueError(f"method.teachers must name exactly {' and '.join(ROLES)}, got {sorted(m.teachers)}")
+        for role in ROLES:
+            t = m.teachers[role]
+            weights = str(t.weights)
+            if weights == "trained":
+                if t.recipe not in RECIPES:
+                    raise ValueError(f"method.teachers.{role}.recipe {t.recipe!r} is not a method; expected one of "
+                                     f"{', '.join(sorted(RECIPES))}")
+            elif weights not in ("none", "hub") and not os.path.exists(weights):
+                raise FileNotFoundError(f"method.teachers.{role}.weights '{weights}' not found; use none, hub, "
+                                        f"trained, a weights file or a run folder with {CARD}")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+        self.hash = config_hash(cfg)
+        kl = functools.partial(fused.attention_kl, backend=cfg.kernels) if m.fused_attention_kl \
+            else reference.attention_kl
+        self.attention_kl = kl
+
+    # ------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        # data: the student sees train_per_class labelled images per class (the teachers were trained on all)
+        splits = build_dataset(cfg.data)
+        self.full_train, self.test_set = splits["train"], splits["test"]
+        self.train_set = self.full_train
+        if m.train_per_class is not None:
+            index = self.full_train.per_class(m.train_per_class, torch.Generator().manual_seed(cfg.seed))
+            self.train_set = self.full_train.subset(index)
+        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=False,
+                                   seed=cfg.seed, num_workers=cfg.num_workers)
+        self.steps_per_epoch = len(self.loader)
+        self.classes = self.train_set.classes
+        self.profiler = Profiler(self.device)
+        # teachers: backbone + trainable head; the parts ``adaptation`` leaves frozen never get gradients
+        self.teachers, self.teacher_info, self.teacher_taps, self.teacher_sizes = {}, {}, {}, {}
+        for role in ROLES:
+            self.teachers[role], self.teacher_info[role] = self.build_teacher(role, m.teachers[role])
+        self.history = {stage: [] for stage in STAGES}
+        self.results: dict = {}
+        self.stage, self.epoch, self.step = STAGES[0], 0, 0
+        if not cfg.resume:
+            self.start_stage(self.stage)
+            return
+        state = resume_checkpoint(self.out.path, self.hash)
+        rng = rng_state()  # the checkpoint's, restored by resume_checkpoint; start_stage re-seeds
+        self.start_stage(state["stage"])
+        self.load_checkpoint(state)
+        set_rng_state(rng)
+
+    def build_teacher(self, role: str, t: DictConfig) -> tuple[Backbone, dict]:
+        m = self.cfg.method
+        weights = str(t.weights)
+        kwargs = OmegaConf.to_container(t.model_kwargs) if t.model_kwargs is not None else {}
+        model, card = t.model, None
+        if weights == "trained":
+            with self.profiler.phase(f"teacher_{role}"):
+                weights = str(ensure_trained(t.recipe, t.model, t.model_kwargs, t.preset, list(t.overrides),
+                                             self.cfg))
+        if weights not in ("none", "hub") and Path(weights).is_dir():
+            card_path = Path(weights) / CARD
+            if not card_path.is_file():
+                raise FileNotFoundError(f"teacher folder '{weights}' has no {CARD}; train one with +method=dino, "
+                                        f"mae or teacher")
+            card = json.loads(card_path.read_text())
+            # a supervised teacher's head is loaded with its weights: its class order must be the dataset's
+            if card.get("method", "teacher") == "teacher" and card.get("classes") not in (None, list(self.classes)):
+                raise ValueError(f"teacher '{weights}' was trained with classes {card['classes'][:5]}... but the "
+                                 f"dataset has {list(self.classes)[:5]}...: class indices would not match")
+            model, kwargs, weights = card["model"], card.get("model_kwargs", {}), str(Path(weights) / WEIGHTS)
+        net = create_backbone(model, pretrained=weights, num_classes=len(self.classes), **kwargs).to(self.device)
+        net.eval()  # timm ViTs have no batch norm; eval keeps any dropout of a foreign config off
+        trainable = {"linear": ("head",), "partial1": ("head", "norm", "fc_norm", f"blocks.{len(net.model.blocks) - 1}"),
+                     "full": ("",)}[m.adaptation] if hasattr(net.model, "blocks") else ("",)
+        for name, p in net.model.named_parameters():
+            p.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
+        self.teacher_taps[role] = QKTap(net, m.attention_layer)
+        spec = net.spec
+        self.teacher_sizes[role] = tuple(spec.input_size) if spec.fixed_size else None
+        info = {"model": model, "weights": str(t.weights), "recipe": t.recipe if str(t.weights) == "trained" else None,
+                "source": weights, "pretrained_card_acc": (card or {}).get("test_acc")}
+        return net, info
+
+    def start_stage(self, stage: str) -> None:
+        """A fresh student (the same initial weights for both stages), optimiser and schedule."""
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        self.stage = stage
+        self.student = create_backbone(cfg.model, pretrained="none", num_classes=len(self.classes),
+                                       **m.model_kwargs).to(self.device).train()
+        spec = self.student.spec
+        self.image_size = tuple(spec.input_size) if spec.fixed_size else tuple(self.train_set.image_size)
+        self.student_tap = QKTap(self.student, m.attention_layer)
+        heads = self.student_tap.attn.num_heads
+        if max(m.student_heads) >= heads:
+            raise ValueError(f"method.student_heads {list(m.student_heads)} must index the student's {heads} heads")
+        for role, net in self.teachers.items():
+            if net.model.num_prefix_tokens != self.student.model.num_prefix_tokens:
+                raise ValueError(f"teacher {role} has {net.model.num_prefix_tokens} prefix tokens, the student "
+                                 f"{self.student.model.num_prefix_tokens}: their attention rows cannot be matched")
+        params = list(self.student.parameters())
+        if stage == "kd":
+            params += [p for net in self.teachers.values() for p in net.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = instantiate(m.optimizer)(params)
+        total = m.epochs * self.steps_per_epoch
+        self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step = 0, 0
+        self.sums = {}
+        self.head_counts = {role: torch.zeros(self.teacher_taps[role].attn.num_heads, dtype=torch.long,
+                                              device=self.device) for role in ROLES}
+
+    # ------------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        m, every = self.cfg.method, self.cfg.checkpoint_every
+        with console.progress(self.cfg.progress) as bar:
+            for stage in STAGES[STAGES.index(self.stage):]:
+                if stage != self.stage:
+                    self.start_stage(stage)
+                    self.save_checkpoint()
+                task = bar.add_task(f"{stage} {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
+                with self.profiler.phase(stage):
+                    for epoch in range(self.epoch, m.epochs):
+                        start = self.step - epoch * self.steps_per_epoch
+                        if start == 0:
+                            self.sums = {}
+                        for x, y in self.loader.epoch(epoch, start=start):
+                            terms = self.train_step(x, y)
+                            for k, v in terms.items():
+                                self.sums[k] = self.sums.get(k, 0.0) + v.detach()
+                            self.profiler.add_images(stage, y.numel())
+                            self.step += 1
+                            bar.update(task, advance=1)
+                            if every and self.step % every == 0:
+                                self.epoch = epoch
+                                self.save_checkpoint()
+                        # .item() syncs with the device: once per epoch
+                        means = {k: float(v) / self.steps_per_epoch for k, v in self.sums.items()}
+                        bad = [k for k, v in means.items() if not torch.isfinite(torch.tensor(v))]
+                        if bad:
+                            raise FloatingPointError(f"non-finite {bad[0]} in stage {stage} at epoch {epoch}, "
+                                                     f"step {self.step}")
+                        self.history[stage].append({"epoch": epoch, **means})
+                        bar.update(task, info=f"loss {means['loss']:.3f}")
+                        self.epoch = epoch + 1
+                        self.save_checkpoint()
+                with self.profiler.phase("evaluate", images=len(self.test_set)):
+                    self.results[stage] = self.evaluate_student()
+                self.save_checkpoint()
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_input(x.to(self.device, non_blocking=True))
+        x = random_resized_crop(x, self.image_size, scale=tuple(self.cfg.method.crop_scale))
+        return random_hflip(x) if self.cfg.data.get("hflip", True) else x
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.cfg.method
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[self.step])
+        x = self._augment(x)
+        y = y.to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.student(x)
+        terms = {"ce_s": F.cross_entropy(logits.float(), y, label_smoothing=m.label_smoothing)}
+        if self.stage == "kd":
+            terms.update(self.kd_terms(x, y, logits))
+        loss = sum(terms.values())
+        self.student_tap.pop()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer, m.clip_grad, self.params)
+        return {"loss": loss, **terms}
+
+    def kd_terms(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.cfg.method
+        t_logits, t_qk = {}, {}
+        grid_s = _grid(self.student, self.image_size)
+        for role in ROLES:
+            net = self.teachers[role]
+            size = self.teacher_sizes[role] or self.image_size
+            with self.precision.autocast():
+                t_logits[role] = net(x if size == self.image_size else to_input(x, size)).float()
+            q, k = (t.detach() for t in self.teacher_taps[role].pop())
+            # Attention Confidence on the teacher's own grid; the chosen head stays a device tensor (no host sync)
+            head = attention_confidence_qk(q, k).argmax().reshape(1)
+            self.head_counts[role][head] += 1
+            q, k = (resample_tokens(t.index_select(1, head), _grid(net, size), grid_s, net.model.num_prefix_tokens)
+                    for t in (q, k))
+            t_qk[role] = (q, k)
+        q_s, k_s = self.student_tap.q, self.student_tap.k
+        s1, s2 = m.student_heads
+        terms = {f"ce_{role}": F.cross_entropy(t_logits[role], y, label_smoothing=m.label_smoothing) for role in ROLES}
+        terms["kd"] = multi_teacher_output_kd(student_logits, t_logits["cl"], t_logits["mim"], m.lambda_output,
+                                              m.temperature)
+        attn = multi_teacher_attention_kd(t_qk["cl"], t_qk["mim"], (q_s[:, s1:s1 + 1], k_s[:, s1:s1 + 1]),
+                                          (q_s[:, s2:s2 + 1], k_s[:, s2:s2 + 1]), m.lambda_attention,
+                                          kl=self.attention_kl)
+        if attn is not None:
+            terms["attn"] = attn
+        return terms
+
+    # ---------------------------------------------------------------------------------------------- evaluate
+    def evaluate_student(self) -> float:
+        return accuracy(self.student, self.test_set, self.device, self.image_size, self.precision,
+                        self.cfg.method.eval_batch_size)
+
+    def evaluate_teachers(self) -> dict:
+        out = {}
+        for role in ROLES:
+            size = self.teacher_sizes[role] or self.image_size
+            acc = accuracy(self.teachers[role], self.test_set, self.device, size, self.precision,
+                           self.cfg.method.eval_batch_size)
+            counts = self.head_counts[role].tolist()
+            out[role] = {**self.teacher_info[role], "test_acc": acc, "chosen_heads": counts}
+        return out
+
+    # -------------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.out.path, {
+            "stage": self.stage, "epoch": self.epoch, "step": self.step, "student": self.student.model.state_dict(),
+            "teachers": {r: net.model.state_dict() for r, net in self.teachers.items()},
+            "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(),
+            "history": self.history, "results": self.results, "sums": self.sums, "head_counts": self.head_counts,
+            "config": self.hash})
+
+    def load_checkpoint(self, state: dict) -> None:
+        self.student.model.load_state_dict(state["student"])
+        for role, sd in state["teachers"].items():
+            self.teachers[role].model.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.results, self.head_counts = state["results"], state["head_counts"]
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = KDMultiRecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    recipe.train()
+    with recipe.profiler.phase("evaluate", images=2 * len(recipe.test_set)):
+        teachers = recipe.evaluate_teachers()
+    metrics = {"student": {"kd": recipe.results["kd"], "baseline": recipe.results["baseline"]}, "teachers": teachers,
+               "train_images": len(recipe.train_set), "history": recipe.history}
+    recipe.out.write_json("metrics.json", metrics)
+    recipe.out.write_manifest(cfg, recipe.device, config_hash=recipe.hash, student=recipe.student.spec.to_dict(),
+                              teachers={r: net.spec.to_dict() for r, net in recipe.teachers.items()})
+    recipe.out.write_json("profile.json", recipe.profiler.report())
+    rows = [[f"student {cfg.model} (KD)", metrics["student"]["kd"]], [f"student {cfg.model} (alone)",
+                                                                        metrics["student"]["baseline"]]]
+    rows += [[f"teacher {role}: {t['model']} ({t['weights']})", t["test_acc"]] for role, t in teachers.items()]
+    console.print_results(f"kd_multi on {cfg.data.name} ({len(recipe.train_set)} labelled training images)",
+                          ["model", "test acc"], rows, recipe.out.path)
+    return metrics

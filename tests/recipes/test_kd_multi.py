@@ -1,0 +1,150 @@
+"""+method=kd_multi end to end on the embedded data with 1-block ViTs: artifacts, loss terms, teacher adaptation,
+fused vs eager attention KL, resume, cached teacher training, bad input."""
+import json
+
+import pytest
+import torch
+
+from fastdistill.recipes import kd_multi
+from fastdistill.recipes.teacher import CARD
+from fastdistill.run import compose, run
+
+VIT = "timm:vit_tiny_patch16_224"
+TINY = "{img_size: 28, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}"
+# 450 training digits per class leave 50 per class (500) for the test split; the student sees 10 per class
+SMALL = ["+method=kd_multi", "preset=smoke", f"model={VIT}", f"++method.model_kwargs={TINY}", "data.train_per_class=450",
+         "method.train_per_class=10", "method.epochs=2", "method.batch_size=25", "method.lambda_attention=0.5",
+         "progress=false"]
+
+
+def _teachers(cl="none", mim="none", mim_kwargs=TINY):
+    return [f"method.teachers.cl.weights={cl}", f"++method.teachers.cl.model_kwargs={TINY}",
+            f"method.teachers.mim.weights={mim}", f"++method.teachers.mim.model_kwargs={mim_kwargs}"]
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """A 1-block ViT trained for one epoch on 200 digits by +method=teacher through kd_multi's cache."""
+    cfg = compose([*SMALL, "data.train_per_class=20"])
+    overrides = ["method.optimizer._target_=torch.optim.AdamW", "~method.optimizer.momentum",
+                 "~method.optimizer.nesterov", "method.optimizer.lr=1e-3"]
+    kwargs = {"img_size": 28, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3}
+    folder = kd_multi.ensure_trained("teacher", VIT, kwargs, "smoke", overrides, cfg)
+    again = kd_multi.ensure_trained("teacher", VIT, kwargs, "smoke", overrides, cfg)
+    return folder, again
+
+
+def test_trained_teacher_is_cached_by_config(trained_teacher):
+    folder, again = trained_teacher
+    assert (folder / CARD).is_file() and (folder / "model.safetensors").is_file()
+    assert again == folder
+    assert json.loads((folder / CARD).read_text())["model_kwargs"]["depth"] == 1
+
+
+def test_kd_multi_end_to_end_writes_metrics_and_every_loss_term(tmp_path, trained_teacher):
+    folder, _ = trained_teacher
+    # the MIM teacher has patch 7 (a 4x4 grid): its queries and keys are resampled onto the student's 7x7 grid
+    mim_kwargs = "{img_size: 28, patch_size: 7, depth: 1, embed_dim: 48, num_heads: 3}"
+    cfg = compose([*SMALL, *_teachers(cl=str(folder), mim="none", mim_kwargs=mim_kwargs), f"out={tmp_path / 'a'}"])
+    metrics = run(cfg)
+    out = tmp_path / "a"
+    for name in ("config.yaml", "manifest.json", "metrics.json", "profile.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["student"]) == {"kd", "baseline"} and set(saved["teachers"]) == {"cl", "mim"}
+    assert saved["train_images"] == 100
+    kd = metrics["history"]["kd"]
+    assert set(kd[0]) == {"epoch", "loss", "ce_s", "ce_cl", "ce_mim", "kd", "attn"}
+    assert set(metrics["history"]["baseline"][0]) == {"epoch", "loss", "ce_s"}
+    for epoch in kd:
+        assert all(torch.isfinite(torch.tensor(v)) for v in epoch.values()), epoch
+    # one head per teacher chosen per KD step: 2 epochs x 4 steps
+    for role in ("cl", "mim"):
+        assert sum(saved["teachers"][role]["chosen_heads"]) == 8
+    # the trained CL teacher loaded its card's weights: its head starts from the card's accuracy, not chance
+    assert saved["teachers"]["cl"]["pretrained_card_acc"] is not None
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["phases"]["baseline"]["images"] == profile["phases"]["kd"]["images"] == 200
+
+
+def _recipe(tmp_path, *extra):
+    cfg = compose([*SMALL, *_teachers(), f"out={tmp_path}", *extra])
+    recipe = kd_multi.KDMultiRecipe(cfg)
+    recipe.setup()
+    recipe.start_stage("kd")
+    return recipe
+
+
+def _kd_step(recipe, x, y):
+    torch.manual_seed(0)
+    return recipe.train_step(x, y)
+
+
+def test_fused_and_eager_attention_kl_give_the_same_step(tmp_path):
+    x, y = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), torch.arange(6) % 10
+    fused = _recipe(tmp_path / "f", "method.fused_attention_kl=true")
+    eager = _recipe(tmp_path / "e", "method.fused_attention_kl=false")
+    a, b = _kd_step(fused, x, y), _kd_step(eager, x, y)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"term {k}")
+    for (name, p), q in zip(fused.student.named_parameters(), eager.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"student {name} after one step")
+
+
+@pytest.mark.parametrize("adaptation, changed, frozen", [
+    ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
+    ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
+])
+def test_teacher_adaptation_trains_only_its_part(tmp_path, adaptation, changed, frozen):
+    recipe = _recipe(tmp_path, f"method.adaptation={adaptation}")
+    teacher = recipe.teachers["mim"].model
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    _kd_step(recipe, torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))
+    after = teacher.state_dict()
+    for k in changed:
+        assert not torch.equal(before[k], after[k]), f"{adaptation}: {k} must be trained"
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"{adaptation}: {k} must stay frozen"
+
+
+def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
+    args = [*SMALL, *_teachers(), "checkpoint_every=3"]
+    full = run(compose([*args, f"out={tmp_path / 'full'}"]))
+    real_save = kd_multi.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(out_dir, state):
+        real_save(out_dir, state)
+        calls["n"] += 1
+        if state["stage"] == "kd" and state["step"] == 3:  # mid-epoch 0 of the KD stage
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd_multi, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose([*args, f"out={tmp_path / 'broken'}"]))
+    monkeypatch.setattr(kd_multi, "save_checkpoint", real_save)
+    resumed = run(compose([*args, f"out={tmp_path / 'broken'}", "resume=true"]))
+    assert resumed["history"] == full["history"], "loss history differs after resume"
+    assert resumed["student"] == full["student"] and resumed["teachers"] == full["teachers"]
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ("method.adaptation=partial2", ValueError, "unknown method.adaptation 'partial2'"),
+    ("method.lambda_output=1.5", ValueError, r"method.lambda_output must be in \[0, 1\]"),
+    ("method.teachers.cl.weights=/nonexistent/dino.safetensors", FileNotFoundError,
+     "method.teachers.cl.weights '/nonexistent/dino.safetensors' not found"),
+    ("method.teachers.mim.recipe=mea", ValueError, "method.teachers.mim.recipe 'mea' is not a method"),
+    ("method.student_heads=[0,5]", ValueError, r"must index the student's 3 heads"),
+])
+def test_bad_input_is_one_line(tmp_path, override, error, match):
+    teachers = _teachers() if "recipe" not in override else _teachers()[:2] + ["method.teachers.mim.weights=trained"]
+    with pytest.raises(error, match=match):
+        run(compose([*SMALL, *teachers, f"out={tmp_path}", override]))
+
+
+@pytest.mark.slow
+def test_default_preset_kd_student_beats_the_student_alone(tmp_path):
+    """The README's claim at a reduced size: trained teachers, 20 labelled digits per class."""
+    metrics = run(compose(["+method=kd_multi", "preset=default", "method.train_per_class=20", "progress=false",
+                           f"out={tmp_path}"]))
+    assert metrics["student"]["kd"] > metrics["student"]["baseline"] + 0.02, metrics["student"]
