@@ -91,8 +91,8 @@ def recovery_closure(provider: str, args, device: torch.device, out_dir: str):
     task = bar.add_task("", total=None, info="")
 
     def fn():
-        recipe.history = []
-        return recipe.recover_batch(index, bar, task)
+        recipe.history = {}
+        return recipe.recover_batch(0, index, bar, task)
     return fn
 
 

@@ -5,6 +5,7 @@ and for the distillation methods distilled/<class>/*.png, labels.safetensors and
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from fastdistill.engine import distributed as dist
 
 
 @contextmanager
@@ -65,8 +68,18 @@ def versions() -> dict:
     return out
 
 
+def main_rank_only(write):
+    """Under torchrun only rank 0 writes the run's artifacts; the others write nothing and get None."""
+
+    @functools.wraps(write)
+    def wrapper(self, *args, **kwargs):
+        return write(self, *args, **kwargs) if dist.is_main() else None
+
+    return wrapper
+
+
 class RunDir:
-    """The output folder of one run."""
+    """The output folder of one run. Its writes happen on rank 0 only (a per-rank file goes through ``/``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -75,14 +88,17 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
+    @main_rank_only
     def write_json(self, name: str, obj) -> Path:
         return write_json(self.path / name, obj)
 
+    @main_rank_only
     def write_config(self, cfg: DictConfig) -> Path:
         with atomic_path(self.path / "config.yaml") as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return self.path / "config.yaml"
 
+    @main_rank_only
     def write_manifest(self, cfg: DictConfig, device: torch.device, **extra) -> Path:
         """versions, seed, device, git revision and the resolved config, plus method-specific ``extra``."""
         manifest = {
@@ -97,6 +113,7 @@ class RunDir:
         }
         return self.write_json("manifest.json", manifest)
 
+    @main_rank_only
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         from safetensors.torch import save_file
 
@@ -104,6 +121,7 @@ class RunDir:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         return self.path / name
 
+    @main_rank_only
     def save_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                     folder: str = "distilled") -> Path:
         """[0, 1] images (N, C, H, W) as ImageFolder PNGs ``folder/<class>/<index>.png`` (rounded, not
@@ -122,6 +140,7 @@ class RunDir:
                 pil.save(tmp, format="PNG")
         return root
 
+    @main_rank_only
     def save_preview(self, images: torch.Tensor, nrow: int, name: str = "preview.png") -> Path:
         """A grid of [0, 1] images (N, C, H, W) that a person looks at."""
         from torchvision.utils import save_image

@@ -1,4 +1,5 @@
-"""Terminal output of a run: one progress bar on stderr, a results table and the output path at the end."""
+"""Terminal output of a run: one progress bar on stderr, a results table and the output path at the end.
+Under torchrun rank 0 alone prints them."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fastdistill.engine import distributed as dist
+
 _err = Console(stderr=True)
 _out = Console(soft_wrap=True)
 
@@ -16,11 +19,13 @@ def progress(enabled: bool = True) -> Progress:
     """A progress bar on stderr (hidden when disabled or when stderr is not a terminal and CI logs it)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=_err, disable=not enabled, transient=False)
+                    console=_err, disable=not enabled or not dist.is_main(), transient=False)
 
 
 def print_results(title: str, columns: list[str], rows: list[list], out_dir) -> None:
     """The short results table every run ends with, then the path of its output folder."""
+    if not dist.is_main():
+        return
     table = Table(title=title)
     for c in columns:
         table.add_column(c)

@@ -14,6 +14,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill.console import fail
+from fastdistill.engine import distributed
+from fastdistill.engine.device import resolve_device
 from fastdistill.recipes import RECIPES, get_recipe
 
 CONFIG_MODULE = "fastdistill.configs"
@@ -73,7 +75,6 @@ def compose(overrides: list[str]) -> DictConfig:
 def check_common(cfg: DictConfig) -> None:
     """The keys every method shares, checked before any work."""
     from fastdistill.data import LOADERS
-    from fastdistill.engine.device import resolve_device
     from fastdistill.engine.precision import PRECISIONS
 
     if not isinstance(cfg.ipc, int) or cfg.ipc < 1:
@@ -89,7 +90,14 @@ def run(cfg: DictConfig):
     """Run the recipe ``cfg.method.name`` on a composed config; returns what the recipe returns."""
     OmegaConf.resolve(cfg)  # once: `out` holds a time stamp that must not change during the run
     check_common(cfg)
-    return get_recipe(cfg.method.name).main(cfg)
+    device = distributed.init(resolve_device(cfg.device))  # joins torchrun's process group, if launched by it
+    if distributed.world_size() > 1:
+        cfg.out = distributed.all_gather_object(cfg.out)[0]  # rank 0's time stamp: one folder for all ranks
+        cfg.device = str(device)
+    try:
+        return get_recipe(cfg.method.name).main(cfg)
+    finally:
+        distributed.cleanup()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fastdistill.configs", config_name="config")

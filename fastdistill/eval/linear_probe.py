@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.models import Backbone, create_backbone, parse_backbone_id
@@ -90,30 +91,39 @@ def train_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
                 test_labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, epochs: int, seed: int,
                 device: torch.device, precision: Precision) -> float:
     """Train a fresh linear head on augmented features of ``images`` ([0, 1] or uint8 (N, C, H, W)) for
-    ``epochs``; return the final test accuracy in [0, 1] on precomputed ``test_feats`` (N_test, D)."""
+    ``epochs``; return the final test accuracy in [0, 1] on precomputed ``test_feats`` (N_test, D).
+
+    Under torchrun the head is a DDP replica; every rank draws the same global batch and augmentation and embeds
+    its slice, the loss is scaled so that the averaged gradient is the one-process batch mean."""
     g = torch.Generator().manual_seed(seed)
     d = test_feats.shape[1]
     bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the run's own generator
-    weight = (torch.rand(num_classes, d, generator=g) * 2 - 1).mul_(bound).to(device).requires_grad_()
-    bias = (torch.rand(num_classes, generator=g) * 2 - 1).mul_(bound).to(device).requires_grad_()
+    head = torch.nn.Linear(d, num_classes)
+    with torch.no_grad():
+        head.weight.copy_((torch.rand(num_classes, d, generator=g) * 2 - 1).mul_(bound))
+        head.bias.copy_((torch.rand(num_classes, generator=g) * 2 - 1).mul_(bound))
+    head = head.to(device)
+    net, world = dist.wrap_ddp(head, device), dist.world_size()
     n = images.shape[0]
     batch = min(cfg.max_batch_size, n)
-    steps_per_epoch = -(-n // batch)
-    lr = cosine_schedule(cfg.lr * batch / 256, 0.0, epochs * steps_per_epoch)
-    opt = torch.optim.Adam([weight, bias], lr=float(lr[0]))
+    starts = range(0, n - world + 1, batch)  # a last batch without a sample per rank is left out
+    lr = cosine_schedule(cfg.lr * batch / 256, 0.0, epochs * len(starts))
+    opt = torch.optim.Adam(head.parameters(), lr=float(lr[0]))
     x_all = to_input(images.to(device))
     y_all = labels.to(device)
     step = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=g).to(device)
-        for i in range(0, n, batch):
+        for i in starts:
             idx = order[i:i + batch]
             x = random_resized_crop(x_all[idx], cfg.image_size, scale=cfg.crop_scale, generator=g)
             if cfg.hflip:
                 x = random_hflip(x, generator=g)
+            part = dist.shard(len(idx))
             with torch.no_grad(), precision.autocast():
-                f = backbone.embed(x).float()
-            loss = F.cross_entropy(F.linear(f, weight, bias), y_all[idx])
+                f = backbone.embed(x[part.start:part.stop]).float()
+            # this rank's sum over the global batch, times the ranks DDP averages over: the batch mean
+            loss = F.cross_entropy(net(f), y_all[idx][part.start:part.stop], reduction="sum") * (world / len(idx))
             for group in opt.param_groups:
                 group["lr"] = float(lr[step])
             opt.zero_grad(set_to_none=True)
@@ -121,7 +131,7 @@ def train_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
             opt.step()
             step += 1
     with torch.no_grad():
-        pred = F.linear(test_feats, weight, bias).argmax(1)
+        pred = head(test_feats).argmax(1)
     return (pred.cpu() == test_labels.cpu()).float().mean().item()
 
 

@@ -5,6 +5,10 @@ A student of any architecture trains from scratch on the distilled images; every
 ``KL(softmax(t / T) || softmax(s / T))`` with the teachers' logits averaged (FADRM+), no ``T^2`` factor as in
 the published validation. Nothing is written per epoch (the published FKD label files reach ~30 GB at
 ImageNet-1k IPC 50). The reported accuracy is the FINAL epoch's, never the best over test evaluations.
+
+Under torchrun the student is a DistributedDataParallel replica: every rank draws the same global batch and
+augmentation, keeps its slice, and the loss is scaled so that the averaged gradient is the one-process batch
+mean. The learning rate is defined for the global batch and never divided by the number of processes.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop
+from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
@@ -50,9 +55,13 @@ def train_student(arch: str, images: torch.Tensor, labels: torch.Tensor, teacher
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     student = create_backbone(arch, num_classes=test_set.num_classes, **(model_kwargs or {})).to(device).train()
+    net = dist.wrap_ddp(student, device)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = images.shape[0]
-    steps_per_epoch = -(-n // cfg.batch_size)
+    n, world = images.shape[0], dist.world_size()
+    if cfg.batch_size < world:
+        raise ValueError(f"student batch size {cfg.batch_size} is smaller than the {world} processes")
+    starts = range(0, n - world + 1, cfg.batch_size)  # a last batch without a sample per rank is left out
+    steps_per_epoch = len(starts)
     lr = cosine_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, cfg.epochs * steps_per_epoch)
     images = images.to(device)
     t = cfg.temperature
@@ -60,23 +69,27 @@ def train_student(arch: str, images: torch.Tensor, labels: torch.Tensor, teacher
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=g)
         epoch_loss = torch.zeros((), device=device)
-        for i in range(0, n, cfg.batch_size):
+        for i in starts:
             x = images[order[i:i + cfg.batch_size]]
             x = random_resized_crop(x, image_size, scale=cfg.crop_scale, generator=g)
             if cfg.hflip:
                 x = random_hflip(x, generator=g)
+            batch, part = len(x), dist.shard(len(x))
+            x = x[part.start:part.stop]
             soft = teacher_logits(teachers, x, precision)
             for group in opt.param_groups:
                 group["lr"] = float(lr[step])
             with precision.autocast():
-                logits = student(x)
-            loss = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean",
-                            log_target=True)
+                logits = net(x)
+            # this rank's sum over the global batch size, times the ranks DDP averages over: the batch mean
+            loss = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), reduction="sum",
+                            log_target=True) * (world / batch)
             opt.zero_grad(set_to_none=True)
             precision.backward(loss)
             precision.step(opt)
             epoch_loss += loss.detach()
             step += 1
+        dist.all_reduce(epoch_loss, "mean")
         losses.append(epoch_loss.item() / steps_per_epoch)  # one sync per epoch
     acc = accuracy(student, test_set, device, image_size, precision)
     return {"test_acc": acc, "final_loss": losses[-1], "first_loss": losses[0]}

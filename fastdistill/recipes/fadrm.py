@@ -17,6 +17,10 @@ flip per iteration for the whole batch plus a random roll, pixels clipped after 
 The set is judged by training students from scratch on it with the teachers' soft labels, next to the same
 number of random real images per class (``eval/student.py``).
 
+Under torchrun the batches are divided among the ranks; every batch is seeded by its index alone, so K ranks
+recover the same set as one process. Each rank checkpoints its own batches; when all are done the set is
+gathered, the students train as DDP replicas, and rank 0 writes the artifacts.
+
 Keys that matter: ``ipc``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
 ``method.stage_iterations``, ``method.residual_alpha``, ``method.lr``, ``method.r_bn``.
 """
@@ -32,7 +36,9 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
-from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine import distributed as dist
+from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.student import StudentConfig, teacher_logits, train_student
 from fastdistill.kernels.bn_stats import arc_update
@@ -113,8 +119,9 @@ class FADRMRecipe:
         self.n_images = num_classes * cfg.ipc
         self.images = torch.zeros(self.n_images, channels, *self.image_size)  # pixels [0, 1], class-major
         self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
-        self.batches_done = 0
-        self.history = []  # recovery loss at the start and end of every batch
+        self.groups = [list(range(k, min(k + m.ipc_per_batch, cfg.ipc))) for k in range(0, cfg.ipc, m.ipc_per_batch)]
+        self.done: set[int] = set()  # recovered batches (of any rank, after a resume)
+        self.history = {}  # batch -> recovery loss at its start and end
         self.inner = None  # state of the batch in progress (for mid-batch resume)
 
     def _load_teachers(self) -> tuple[list[Backbone], list[dict]]:
@@ -186,25 +193,46 @@ class FADRMRecipe:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ recovery
+    def batch_index(self, b: int) -> torch.Tensor:
+        """The images of batch ``b``: ipc indices ``groups[b]`` of every class (class-major storage)."""
+        return torch.tensor([c * self.cfg.ipc + k for k in self.groups[b] for c in range(self.num_classes)])
+
     def train(self) -> None:
-        m, ipc = self.cfg.method, self.cfg.ipc
+        m = self.cfg.method
         if not self.optimize:
             self.images = self.patches.clone()
             return
-        groups = [list(range(k, min(k + m.ipc_per_batch, ipc))) for k in range(0, ipc, m.ipc_per_batch)]
-        total = len(groups) * len(self.sizes) * m.stage_iterations
+        mine = list(dist.shard(len(self.groups)))
+        per_batch = len(self.sizes) * m.stage_iterations
         with console.progress(self.cfg.progress) as bar, self.profiler.phase("recover", images=self.n_images):
-            task = bar.add_task(f"{m.variant} ipc {ipc}", total=total,
-                                completed=self.batches_done * len(self.sizes) * m.stage_iterations, info="")
-            for b in range(self.batches_done, len(groups)):
-                index = torch.tensor([c * ipc + k for k in groups[b] for c in range(self.num_classes)])
-                self.images[index] = self.recover_batch(index, bar, task)
-                self.batches_done = b + 1
+            task = bar.add_task(f"{m.variant} ipc {self.cfg.ipc}", total=len(mine) * per_batch,
+                                completed=len(self.done.intersection(mine)) * per_batch, info="")
+            for b in mine:
+                if b in self.done:
+                    continue
+                if self.inner is None or self.inner["batch"] != b:
+                    # seeded by the batch alone: the set does not depend on the number of ranks or on the order
+                    seed_everything(self.cfg.seed * 1_000_003 + 7919 * (b + 1))
+                index = self.batch_index(b)
+                self.images[index] = self.recover_batch(b, index, bar, task)
+                self.done.add(b)
                 self.inner = None
                 self.save_checkpoint()
+        self.gather()
 
-    def recover_batch(self, index: torch.Tensor, bar, task) -> torch.Tensor:
-        """Recover the images ``index`` (one batch) through every stage; returns pixels at full size."""
+    def gather(self) -> None:
+        """Every rank's batches into one set on every rank (a sum of disjoint parts is exact)."""
+        if dist.world_size() == 1:
+            return
+        index = torch.cat([self.batch_index(b) for b in dist.shard(len(self.groups))] or [torch.zeros(0).long()])
+        part = torch.zeros_like(self.images)
+        part[index] = self.images[index]
+        self.images = dist.all_reduce(part)
+        for h in dist.all_gather_object(self.history):
+            self.history.update(h)
+
+    def recover_batch(self, b: int, index: torch.Tensor, bar, task) -> torch.Tensor:
+        """Recover batch ``b`` (images ``index``) through every stage; returns pixels at full size."""
         m = self.cfg.method
         iters = m.stage_iterations
         lr = cosine_schedule(m.lr, 0.0, len(self.sizes) * iters)  # one schedule over all stages, no warm-up
@@ -238,7 +266,8 @@ class FADRMRecipe:
                     x.data = torch.maximum(torch.minimum(x, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
                 bar.update(task, advance=1)
                 if every and (step + 1) % every == 0 and it + 1 < iters:
-                    self.inner = {"stage": s, "iteration": it + 1, "x": x.detach().cpu(), "optimizer": opt.state_dict()}
+                    self.inner = {"batch": b, "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
+                                  "optimizer": opt.state_dict()}
                     self.save_checkpoint()
                     self.inner = None
             if s == len(self.sizes) - 1:
@@ -254,8 +283,7 @@ class FADRMRecipe:
         if losses:
             curve = torch.stack(losses).cpu()
             k = max(1, min(5, len(curve) // 4))
-            self.history.append({"batch": self.batches_done, "loss_first": curve[:k].mean().item(),
-                                 "loss_last": curve[-k:].mean().item()})
+            self.history[b] = {"batch": b, "loss_first": curve[:k].mean().item(), "loss_last": curve[-k:].mean().item()}
         with torch.no_grad():
             x = x.detach()
             if tuple(x.shape[-2:]) != tuple(self.image_size):
@@ -307,16 +335,32 @@ class FADRMRecipe:
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.out.path, {"images": self.images, "patches": self.patches,
-                                        "batches_done": self.batches_done, "inner": self.inner,
-                                        "history": self.history,
-                                        "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
+        """This rank's file: its recovered batches and the batch in progress."""
+        save_checkpoint(self.out.path, {"images": self.images, "patches": self.patches, "done": sorted(self.done),
+                                        "inner": self.inner, "history": self.history,
+                                        "config": OmegaConf.to_container(self.cfg.method, resolve=True)}, sharded=True)
 
     def load_checkpoint(self) -> None:
-        state = resume_checkpoint(self.out.path, OmegaConf.to_container(self.cfg.method, resolve=True))
-        self.images, self.patches = state["images"], state["patches"]
-        self.batches_done, self.inner = state["batches_done"], state["inner"]
-        self.history = state["history"]
+        """Every rank's file, written by any number of processes: their finished batches are kept; this rank
+        continues its batch in progress (with its RNG state) when that batch is still its own."""
+        config = OmegaConf.to_container(self.cfg.method, resolve=True)
+        shards = load_shards(self.out.path)
+        if not shards:
+            raise FileNotFoundError(f"resume=true but '{self.out.path}' has no checkpoint.pt; pass the out= of the run")
+        if any(state.get("config") != config for state in shards):
+            raise ValueError(f"the checkpoint in '{self.out.path}' was made with another config; resume with the "
+                             "same overrides")
+        self.patches = shards[0]["patches"]
+        for state in shards:
+            for b in state["done"]:
+                index = self.batch_index(b)
+                self.images[index] = state["images"][index]
+            self.done.update(state["done"])
+            self.history.update(state["history"])
+        own = load_checkpoint(self.out.path, sharded=True)  # restores this rank's RNG
+        inner = own["inner"] if own else None
+        if inner is not None and inner["batch"] in dist.shard(len(self.groups)) and inner["batch"] not in self.done:
+            self.inner = inner
 
     def save(self, students: dict) -> dict:
         cfg = self.cfg
@@ -330,7 +374,8 @@ class FADRMRecipe:
                                   metadata={"classes": json.dumps(self.classes)})
         recover_s = self.profiler.seconds.get("recover", 0.0)
         metrics = {"students": students, "ipc": cfg.ipc, "variant": cfg.method.variant,
-                   "teachers": list(cfg.method.teachers), "recovery": self.history,
+                   "teachers": list(cfg.method.teachers),
+                   "recovery": [self.history[b] for b in sorted(self.history)],
                    "seconds_per_image": recover_s / self.n_images if recover_s else 0.0}
         self.out.write_json("metrics.json", metrics)
         self.out.write_manifest(cfg, self.device, teachers=self.teacher_cards, classes=self.classes,

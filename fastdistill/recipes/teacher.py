@@ -5,6 +5,9 @@ Loss: cross-entropy (optional label smoothing) with SGD/AdamW, linear warm-up th
 random-resized-crop (+ flip where the data allows it). A finished teacher is cached under a hash of the
 config that made it, so a later run or recipe that asks for the same teacher reuses it.
 
+Under torchrun the model is a DistributedDataParallel replica and each rank trains on its slice of every global
+batch (``method.batch_size`` and the learning rate are the global ones).
+
 Keys that matter: ``model``, ``method.epochs``, ``method.batch_size``, ``method.optimizer.lr``,
 ``method.image_size``, ``data``.
 """
@@ -25,6 +28,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
@@ -109,14 +113,17 @@ class TeacherRecipe:
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
         self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=False,
-                                   seed=cfg.seed, num_workers=cfg.num_workers)
-        # network
+                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
+                                   world_size=dist.world_size())
+        # network: DDP gives every rank rank 0's initial weights
         self.model = create_backbone(cfg.model, pretrained=m.pretrained, num_classes=self.train_set.num_classes,
                                      **m.model_kwargs).to(self.device)
+        if dist.rank():  # the other ranks draw other augmentations; rank 0 keeps the one-process stream
+            seed_everything(cfg.seed + dist.rank())
         spec = self.model.spec
         self.image_size = tuple(spec.input_size) if spec.fixed_size else \
             (m.image_size, m.image_size) if m.image_size else tuple(self.train_set.image_size)
-        self.forward = maybe_compile(self.model, cfg.compile, self.device)
+        self.forward = maybe_compile(dist.wrap_ddp(self.model, self.device), cfg.compile, self.device)
         # optimiser and per-step schedule
         self.optimizer = instantiate(m.optimizer)(self.model.parameters())
         self.steps_per_epoch = len(self.loader)
@@ -146,7 +153,7 @@ class TeacherRecipe:
                     if every and self.step % every == 0:
                         self.save_checkpoint(epoch, completed=False)
                 # .item() syncs with the device: once per epoch
-                mean_loss = self.loss_sum.item() / self.steps_per_epoch
+                mean_loss = dist.all_reduce(self.loss_sum.clone(), "mean").item() / self.steps_per_epoch
                 if not torch.isfinite(torch.tensor(mean_loss)):
                     raise FloatingPointError(f"non-finite cross-entropy at epoch {epoch}, step {self.step}")
                 self.history.append({"epoch": epoch, "train_loss": mean_loss})
@@ -199,6 +206,8 @@ class TeacherRecipe:
         card = {"model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
                 "classes": self.train_set.classes, "dataset": self.cfg.data.name,
                 "image_size": list(self.image_size), "hash": self.hash, **metrics}
+        if not dist.is_main():
+            return self.out / WEIGHTS
         save_model(self.model.model, str(self.out / WEIGHTS))
         self.out.write_json(CARD, card)
         if self.cfg.method.cache:
@@ -233,6 +242,7 @@ def main(cfg: DictConfig) -> dict:
         recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, cached=False,
                                   backbone=recipe.model.spec.to_dict(), classes=recipe.train_set.classes)
         recipe.out.write_json("profile.json", recipe.profiler.report())
+        dist.barrier()  # the other ranks read the cached teacher next: rank 0 has written it
     console.print_results(f"teacher {cfg.model} on {cfg.data.name}", ["model", "dataset", "test acc", "epochs"],
                           [[cfg.model, cfg.data.name, metrics["test_acc"], cfg.method.epochs]], recipe.out.path)
     return metrics

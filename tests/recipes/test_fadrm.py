@@ -41,7 +41,7 @@ def test_recovery_lowers_its_loss(tmp_path):
     recipe.setup()
     recipe.train()
     assert len(recipe.history) == 2  # one record per batch (ipc 2, one image per class per batch)
-    for h in recipe.history:
+    for h in recipe.history.values():
         assert h["loss_last"] < 0.8 * h["loss_first"], f"recovery loss must fall: {h}"
     assert not torch.equal(recipe.images, recipe.patches)
 
@@ -67,8 +67,8 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
 
     real_save, calls = fadrm.save_checkpoint, {"n": 0}
 
-    def save_then_die(out_dir, state):
-        real_save(out_dir, state)
+    def save_then_die(out_dir, state, **kwargs):
+        real_save(out_dir, state, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:  # inside the first batch, stage 2 (after iterations 3 and 6)
             raise KeyboardInterrupt

@@ -1,0 +1,62 @@
+"""FADRM sharded over 2 gloo processes under torchrun: the same set as one process, and after a killed run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ARGS = ["+method=fadrm", "preset=smoke", "ipc=4", "method.ipc_per_batch=1", "method.stage_sizes=[24,28]",
+        "method.stage_iterations=6", "method.candidates_per_class=6", "method.eval.epochs=1",
+        "method.eval.real_random=false", "progress=false", "device=cpu"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _env():
+    # torchrun gives each rank one thread; the one-process reference must compute with the same reduction order
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd, out, *extra, timeout=600):
+    r = subprocess.run([*cmd, "-m", "fastdistill.run", *ARGS, f"out={out}", *extra], env=_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def _images(out):
+    paths = sorted((out / "distilled").glob("*/*.png"))
+    assert len(paths) == 40
+    return np.stack([np.asarray(Image.open(p)) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fadrm") / "one"
+    _run([sys.executable], out)  # also trains and caches the smoke teacher the ranks then share
+    return _images(out)
+
+
+def test_two_ranks_recover_the_one_process_set(tmp_path, one_process):
+    _run(TORCHRUN, tmp_path / "two", "checkpoint_every=0")
+    assert (tmp_path / "two" / "checkpoint.rank1.pt").is_file(), "each rank checkpoints its own batches"
+    np.testing.assert_array_equal(_images(tmp_path / "two"), one_process)
+
+
+def test_killed_ranks_resume_to_the_same_set(tmp_path, one_process):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*TORCHRUN, "-m", "fastdistill.run", *ARGS, f"out={out}", "checkpoint_every=3"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint.rank1.pt").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "distilled").exists(), "killed before the end"
+    _run(TORCHRUN, out, "resume=true", "checkpoint_every=3")
+    np.testing.assert_array_equal(_images(out), one_process)
