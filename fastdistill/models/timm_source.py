@@ -75,7 +75,7 @@ def create_timm(name: str, pretrained: str | None = "none", **kwargs) -> Backbon
         pe = model.patch_embed
         patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
         input_size = tuple(pe.img_size)  # the configured img_size, not the pretrained config's
-        fixed = not getattr(pe, "dynamic_img_size", False)
+        fixed = not getattr(model, "dynamic_img_size", False)  # a model flag in timm, not a PatchEmbed one
     if packaged is not None:
         input_size = packaged.input_size or input_size
     spec = BackboneSpec(

@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib
 
 RECIPES = {
+    "attention": "fastdistill.recipes.attention",
+    "dino": "fastdistill.recipes.dino",
     "evaluate": "fastdistill.recipes.evaluate",
     "fadrm": "fastdistill.recipes.fadrm",
     "kd_multi": "fastdistill.recipes.kd_multi",
     "lgm": "fastdistill.recipes.lgm",
+    "mae": "fastdistill.recipes.mae",
     "teacher": "fastdistill.recipes.teacher",
 }
 

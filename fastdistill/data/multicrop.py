@@ -1,0 +1,115 @@
+"""DINO multi-crop augmentation on device batches (Caron et al. 2021, sec. 3.1 and appendix).
+
+Two global crops (area scale >= 0.5 of the image here) and N local crops (scale < 0.5) at a lower resolution,
+each drawn per sample: random-resized-crop, flip where the data allows it, colour jitter (p 0.8), grayscale
+(p 0.2), Gaussian blur (p 1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local crops) and solarisation
+(p 0.2 on global crop 2), the published asymmetric recipe. All crops go to the student, the global ones to the
+teacher. The ops work on [0, 1] float batches (N, C, H, W) with per-sample parameters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastdistill.data.transforms import random_hflip, random_resized_crop
+
+
+@dataclass
+class MultiCrop:
+    global_size: int = 28
+    local_size: int = 12
+    num_local: int = 8
+    global_scale: tuple[float, float] = (0.5, 1.0)
+    local_scale: tuple[float, float] = (0.2, 0.5)
+    hflip: bool = True
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px at the crop's resolution (published 0.1-2.0 at 224 px)
+    solarize_p: float = 0.2
+
+    def __post_init__(self):
+        (gl, gh), (ll, lh) = self.global_scale, self.local_scale
+        if not 0 < ll <= lh <= gl <= gh <= 1:
+            raise ValueError(f"multi-crop scales must satisfy 0 < local min <= local max <= global min <= global max "
+                             f"<= 1, got local {list(self.local_scale)} and global {list(self.global_scale)}")
+        if self.num_local < 0 or self.local_size < 1 or self.global_size < 1:
+            raise ValueError(f"multi-crop needs num_local >= 0 and sizes >= 1, got {self.num_local!r}, "
+                             f"{self.local_size!r}, {self.global_size!r}")
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[0, 1] images (N, C, H, W) -> [global 1, global 2, local 1 .. local n], each (N, C, s, s)."""
+        crops = [self._view(x, self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0),
+                 self._view(x, self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarize_p)]
+        crops += [self._view(x, self.local_size, self.local_scale, blur_p=0.5, solarize_p=0.0)
+                  for _ in range(self.num_local)]
+        return crops
+
+    def _view(self, x: torch.Tensor, size: int, scale, blur_p: float, solarize_p: float) -> torch.Tensor:
+        v = random_resized_crop(x, (size, size), scale=tuple(scale))
+        if self.hflip:
+            v = random_hflip(v)
+        v = color_jitter(v, self.jitter_p, self.brightness, self.contrast, self.saturation)
+        v = random_grayscale(v, self.grayscale_p)
+        v = gaussian_blur(v, blur_p, self.blur_sigma)
+        return solarize(v, solarize_p)
+
+
+def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
+    """(N, 1, 1, 1) bool: which samples an op with probability p applies to."""
+    return (torch.rand(x.shape[0]) < p).to(x.device)[:, None, None, None]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # ITU-R 601, as PIL
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation factors in [1 - s, 1 + s] (fixed order), with probability p."""
+    n = x.shape[0]
+
+    def factor(s):
+        return torch.empty(n).uniform_(1 - s, 1 + s).to(x.device, x.dtype)[:, None, None, None]
+
+    y = (x * factor(brightness)).clamp(0, 1)
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - mean) * factor(contrast) + mean).clamp(0, 1)
+    if x.shape[1] == 3:
+        g = _gray(y)
+        y = ((y - g) * factor(saturation) + g).clamp(0, 1)
+    return torch.where(_chosen(x, p), y, x)
+
+
+def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return torch.where(_chosen(x, p), _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, p: float, sigma: tuple[float, float]) -> torch.Tensor:
+    """Separable Gaussian blur, sigma ~ U(sigma) px per sample, reflect padding, with probability p."""
+    n, c, h, w = x.shape
+    s = torch.empty(n).uniform_(*sigma)
+    radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1))  # reflect padding needs radius < size
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x.device, x.dtype)  # (N * C, 2r + 1)
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+    return torch.where(_chosen(x, p), y, x)
+
+
+def solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels >= threshold, with probability p per sample."""
+    if p <= 0:
+        return x
+    return torch.where(_chosen(x, p), torch.where(x >= threshold, 1 - x, x), x)

@@ -1,0 +1,62 @@
+"""How a self-supervised teacher is judged without labels in training: a k-NN or linear probe on its frozen
+features, next to a randomly initialised network of the same shape (``+method=dino``, ``+method=mae``).
+
+k-NN as in DINO's ``eval_knn`` (Wu et al. 2018): cosine similarity of L2-normalised features, the k nearest
+training images vote for their class with weight ``exp(sim / T)``. The linear probe is
+:func:`fastdistill.eval.linear_probe.train_probe` on all training images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from fastdistill.data.dataset import ImageDataset
+from fastdistill.engine.precision import Precision
+from fastdistill.eval.linear_probe import ProbeConfig, embed_all, train_probe
+from fastdistill.models import Backbone
+
+PROBES = ("knn", "linear")
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-NN class predictions int64 (N_test,) from features (N, D) (normalised here)."""
+    train = F.normalize(train_feats.float(), dim=1)
+    labels = train_labels.to(train.device)
+    k = min(k, train.shape[0])
+    out = []
+    for i in range(0, test_feats.shape[0], chunk):
+        sim, idx = (F.normalize(test_feats[i:i + chunk].float(), dim=1) @ train.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        out.append(votes.argmax(1))
+    return torch.cat(out)
+
+
+def check_probe(p: DictConfig) -> None:
+    if p.kind not in PROBES:
+        raise ValueError(f"unknown probe {p.kind!r}; expected one of {', '.join(PROBES)}")
+    if p.k < 1 or not p.temperature > 0 or p.epochs < 1:
+        raise ValueError(f"probe.k and probe.epochs must be >= 1 and probe.temperature > 0, got {p.k!r}, "
+                         f"{p.epochs!r}, {p.temperature!r}")
+
+
+def probe_accuracy(backbone: Backbone, train_set: ImageDataset, test_set: ImageDataset, p: DictConfig,
+                   image_size: tuple[int, int], device: torch.device, precision: Precision, seed: int) -> float:
+    """Test accuracy in [0, 1] of the ``p.kind`` probe on ``backbone``'s frozen features."""
+    was_training = backbone.training
+    backbone.eval()
+    test_feats = embed_all(backbone, test_set.load_all(), image_size, device, precision)
+    if p.kind == "knn":
+        train_feats = embed_all(backbone, train_set.load_all(), image_size, device, precision)
+        pred = knn_predict(train_feats, train_set.labels, test_feats, train_set.num_classes, p.k, p.temperature)
+        acc = (pred.cpu() == test_set.labels).float().mean().item()
+    else:
+        cfg = ProbeConfig(epochs=int(p.epochs), lr=float(p.lr), max_batch_size=int(p.batch_size),
+                          crop_scale=tuple(p.crop_scale), hflip=bool(p.hflip), image_size=tuple(image_size))
+        acc = train_probe(backbone, train_set.load_all(), train_set.labels, test_feats, test_set.labels,
+                          train_set.num_classes, cfg, cfg.epochs, seed, device, precision)
+    backbone.train(was_training)
+    return acc

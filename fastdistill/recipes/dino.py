@@ -1,0 +1,250 @@
+"""DINO self-distillation of a ViT without labels (``+method=dino``; Caron et al., ICCV 2021).
+
+A student ViT + projection head sees all crops of a multi-crop view set (2 global, N local); a teacher of the same
+shape, an exponential moving average of the student, sees the 2 global crops. The loss (``losses/dino.py``) is the
+cross-entropy between the centred, sharpened teacher distribution and the student's, over all pairs of different
+views:
+
+    L = mean_{g, v != g} H(softmax((t_g - c) / tau_t), softmax(s_v / tau_s)),   c <- m c + (1 - m) mean(t)
+    theta_t <- lambda theta_t + (1 - lambda) theta_s,   lambda: cosine from momentum_teacher to 1
+
+with AdamW, linear warm-up then cosine learning rate, cosine weight decay, gradient clipping and the last head layer
+frozen in the first epoch(s). The teacher's backbone is the result: ``model.safetensors`` (a plain timm state dict,
+``create_backbone(model, pretrained=PATH, **model_kwargs)``) + ``teacher.json``, with its k-NN (or linear) probe
+accuracy on the test split next to a randomly initialised ViT of the same shape, and the CLS-attention overlays
+and attention-distance plot of ``eval/attention.py``.
+
+Keys that matter: ``model``, ``method.model_kwargs``, ``method.epochs``, ``method.batch_size``,
+``method.optimizer.lr``, ``method.momentum_teacher``, ``method.head.out_dim``, ``method.loss.teacher_temp``,
+``method.crops``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.multicrop import MultiCrop
+from fastdistill.data.transforms import to_input
+from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.eval.attention import write_attention_report
+from fastdistill.eval.knn import check_probe, probe_accuracy
+from fastdistill.losses.dino import DINOLoss
+from fastdistill.models import create_backbone
+from fastdistill.models.ssl import DINOHead, MultiCropModel, check_vit
+from fastdistill.profiling import Profiler
+from fastdistill.recipes.teacher import CARD, WEIGHTS, config_hash
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """``theta_t <- m theta_t + (1 - m) theta_s`` for every parameter (same module structure on both sides)."""
+    t = list(teacher.parameters())
+    s = [p.detach() for p in student.parameters()]
+    if len(t) != len(s):
+        raise ValueError(f"ema_update: teacher has {len(t)} parameters, student {len(s)}")
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1 - momentum)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weights get the weight-decay schedule; biases and norm gains (1-dim) none, as published."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_multicrop(c: DictConfig, global_size: int, hflip: bool) -> MultiCrop:
+    return MultiCrop(global_size=global_size, local_size=int(c.local_size), num_local=int(c.num_local),
+                     global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), hflip=hflip,
+                     jitter_p=float(c.jitter_p), brightness=float(c.brightness), contrast=float(c.contrast),
+                     saturation=float(c.saturation), grayscale_p=float(c.grayscale_p),
+                     blur_sigma=tuple(c.blur_sigma), solarize_p=float(c.solarize_p))
+
+
+class DINORecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        for key in ("epochs", "batch_size"):
+            if m[key] < 1:
+                raise ValueError(f"method.{key} must be >= 1, got {m[key]!r}")
+        if not 0 <= m.momentum_teacher <= 1:
+            raise ValueError(f"method.momentum_teacher must be in [0, 1], got {m.momentum_teacher!r}")
+        if m.head.out_dim < 2:
+            raise ValueError(f"method.head.out_dim must be >= 2, got {m.head.out_dim!r}")
+        if not (m.loss.student_temp > 0 and m.loss.teacher_temp > 0 and m.loss.warmup_teacher_temp > 0):
+            raise ValueError("method.loss temperatures must be > 0")
+        check_probe(m.probe)
+        build_multicrop(m.crops, 1, False)  # scales and counts checked before any work
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+        self.hash = config_hash(cfg)
+
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        # networks first, right after seeding: the random-init baseline of evaluate() is this same draw
+        backbone = create_backbone(cfg.model, pretrained="none", **m.model_kwargs)
+        check_vit(backbone, "+method=dino")
+        head = DINOHead(backbone.spec.feature_dim, int(m.head.out_dim), int(m.head.hidden_dim),
+                        int(m.head.bottleneck_dim), int(m.head.num_layers), bool(m.head.norm_last_layer),
+                        bool(m.head.use_bn))
+        self.student = MultiCropModel(backbone, head).to(self.device)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.forward_student = maybe_compile(self.student, cfg.compile, self.device)
+        self.forward_teacher = maybe_compile(self.teacher, cfg.compile, self.device)
+        spec = backbone.spec
+        self.image_size = tuple(spec.input_size)
+        if spec.fixed_size and m.crops.num_local > 0 and m.crops.local_size != spec.input_size[0]:
+            raise ValueError(f"local crops of {m.crops.local_size} px need a ViT that takes any resolution: add "
+                             f"dynamic_img_size: true to method.model_kwargs")
+        # data: uint8 batches, the crops are made on the device
+        self.splits = build_dataset(cfg.data)
+        self.train_set, self.test_set = self.splits["train"], self.splits["test"]
+        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
+                                   seed=cfg.seed, num_workers=cfg.num_workers)
+        if len(self.loader) == 0:
+            raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training images")
+        self.multicrop = build_multicrop(m.crops, self.image_size[0], bool(cfg.data.get("hflip", True)))
+        # loss (owns the centre) and optimiser
+        self.loss_fn = DINOLoss(int(m.head.out_dim), 2, m.loss.student_temp, m.loss.teacher_temp,
+                                m.loss.warmup_teacher_temp, int(m.loss.warmup_teacher_temp_epochs),
+                                m.loss.center_momentum).to(self.device)
+        self.optimizer = instantiate(m.optimizer)(param_groups(self.student))
+        # per-step schedules (DINO's cosine_scheduler); the lr is given for 256 images and scaled to the batch
+        self.steps_per_epoch = len(self.loader)
+        total = m.epochs * self.steps_per_epoch
+        self.lr = cosine_schedule(m.optimizer.lr * m.batch_size / 256, m.min_lr, total,
+                                  m.warmup_epochs * self.steps_per_epoch)
+        self.wd = cosine_schedule(m.weight_decay, m.weight_decay_end, total)
+        self.momentum = cosine_schedule(m.momentum_teacher, 1.0, total)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.profiler = Profiler(self.device)
+        if cfg.resume:
+            self.load_checkpoint()
+
+    def train(self) -> None:
+        m = self.cfg.method
+        every = self.cfg.checkpoint_every
+        with console.progress(self.cfg.progress) as bar, self.profiler.phase("train"):
+            task = bar.add_task(f"dino {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
+            for epoch in range(self.epoch, m.epochs):
+                start = self.step - epoch * self.steps_per_epoch
+                if start == 0:
+                    self.loss_sum = torch.zeros((), device=self.device)
+                for x, _ in self.loader.epoch(epoch, start=start):  # labels are never used
+                    loss = self.train_step(x, epoch)
+                    self.loss_sum += loss.detach()
+                    self.profiler.add_images("train", x.shape[0])
+                    self.step += 1
+                    bar.update(task, advance=1)
+                    if every and self.step % every == 0:
+                        self.save_checkpoint(epoch)
+                # .item() syncs with the device: once per epoch
+                mean_loss = self.loss_sum.item() / self.steps_per_epoch
+                if not torch.isfinite(torch.tensor(mean_loss)):
+                    raise FloatingPointError(f"non-finite DINO loss at epoch {epoch}, step {self.step}")
+                self.history.append({"epoch": epoch, "train_loss": mean_loss,
+                                     "teacher_temp": self.loss_fn.teacher_temp_at(epoch),
+                                     "lr": float(self.lr[self.step - 1]),
+                                     "momentum": float(self.momentum[self.step - 1])})
+                bar.update(task, info=f"loss {mean_loss:.3f}")
+                self.epoch = epoch + 1
+                self.save_checkpoint(self.epoch)
+
+    def train_step(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
+        m = self.cfg.method
+        regularized, _ = self.optimizer.param_groups
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[self.step])
+        regularized["weight_decay"] = float(self.wd[self.step])
+        x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
+        crops = self.multicrop(x)
+        with torch.no_grad(), self.precision.autocast():
+            teacher_out = self.forward_teacher(crops[:2])  # the teacher sees only the 2 global crops
+        with self.precision.autocast():
+            student_out = self.forward_student(crops)
+        loss = self.loss_fn(student_out, teacher_out, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        if epoch < m.freeze_last_layer:  # the prototypes stay fixed while the rest settles (Caron et al.)
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+        self.precision.step(self.optimizer, m.clip_grad, self.student.parameters())
+        ema_update(self.teacher, self.student, float(self.momentum[self.step]))
+        return loss
+
+    def evaluate(self) -> dict:
+        """The probe on the teacher backbone and on the same ViT at its random initialisation (the student's
+        initial draw: same seed, same shape)."""
+        cfg, m = self.cfg, self.cfg.method
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(self.device)
+        with self.profiler.phase("evaluate", images=2 * (len(self.train_set) + len(self.test_set))):
+            acc = {name: probe_accuracy(net, self.train_set, self.test_set, m.probe, self.image_size, self.device,
+                                        self.precision, cfg.seed)
+                   for name, net in (("dino", self.teacher.backbone), ("random_init", random_init))}
+        return {"probe": acc, "probe_kind": m.probe.kind}
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
+        save_checkpoint(self.out.path, {
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
+            "loss_sum": self.loss_sum, "config": self.hash})
+
+    def load_checkpoint(self) -> None:
+        state = resume_checkpoint(self.out.path, self.hash)
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+
+    def save(self, metrics: dict) -> None:
+        """The teacher backbone as a plain timm state dict + its card (the teacher recipe's format)."""
+        from safetensors.torch import save_model
+
+        save_model(self.teacher.backbone.model, str(self.out / WEIGHTS))
+        self.out.write_json(CARD, {
+            "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
+            "method": "dino", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
+            "image_size": list(self.image_size), "hash": self.hash, **metrics})
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = DINORecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    recipe.train()
+    metrics = {**recipe.evaluate(), "history": recipe.history}
+    recipe.save(metrics)
+    with recipe.profiler.phase("attention"):
+        metrics["attention_distance"] = write_attention_report(
+            recipe.out, {"dino": recipe.teacher.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
+    recipe.out.write_json("metrics.json", metrics)
+    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.teacher.backbone.spec.to_dict())
+    recipe.out.write_json("profile.json", recipe.profiler.report())
+    probe = metrics["probe"]
+    console.print_results(f"DINO {cfg.model} on {cfg.data.name} ({cfg.method.probe.kind} probe, test split)",
+                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
+                          [["dino", probe["dino"], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
+                            cfg.method.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
+    return metrics

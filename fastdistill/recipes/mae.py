@@ -1,0 +1,191 @@
+"""Masked-autoencoder pre-training of a ViT, the masked-image-modelling teacher (``+method=mae``; He et al., CVPR 2022).
+
+Each image loses a random ``mask_ratio`` (0.75) of its patches; the ViT encoder sees only the visible ones (no mask
+tokens in the encoder), a light decoder fills in a shared mask token at every masked position and predicts the
+pixels of every patch. Loss (``losses/mae.py``): mean squared error on the masked patches against per-patch
+normalised pixels,
+
+    L = sum_{n,l} m_nl mean_j (pred_nlj - (x_nlj - mu_nl) / sigma_nl)^2 / sum_{n,l} m_nl
+
+with AdamW (betas 0.9, 0.95), linear warm-up then cosine, random-resized-crop (+ flip where the data allows it).
+The encoder is the result: ``model.safetensors`` (a plain timm state dict) + ``teacher.json``, its probe accuracy
+next to a random-init ViT of the same shape, and the attention overlays and distances of ``eval/attention.py``.
+
+Keys that matter: ``model``, ``method.model_kwargs``, ``method.mask_ratio``, ``method.decoder``, ``method.epochs``,
+``method.optimizer.lr``, ``method.norm_pix``.
+"""
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fastdistill import console
+from fastdistill.artifacts import RunDir
+from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.eval.attention import write_attention_report
+from fastdistill.eval.knn import check_probe, probe_accuracy
+from fastdistill.losses.mae import mae_loss
+from fastdistill.models import create_backbone
+from fastdistill.models.ssl import MAEDecoder, MAEModel, check_vit, patchify, random_masking
+from fastdistill.profiling import Profiler
+from fastdistill.recipes.dino import param_groups
+from fastdistill.recipes.teacher import CARD, WEIGHTS, config_hash
+
+
+class MAERecipe:
+    def __init__(self, cfg: DictConfig):
+        m = cfg.method
+        for key in ("epochs", "batch_size"):
+            if m[key] < 1:
+                raise ValueError(f"method.{key} must be >= 1, got {m[key]!r}")
+        if not 0 <= m.mask_ratio < 1:
+            raise ValueError(f"method.mask_ratio must be in [0, 1), got {m.mask_ratio!r}")
+        lo, hi = m.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        check_probe(m.probe)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        self.out = RunDir(cfg.out)
+        self.hash = config_hash(cfg)
+
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.cfg.method
+        seed_everything(cfg.seed)
+        # data: uint8 batches, augmented on the device
+        self.splits = build_dataset(cfg.data)
+        self.train_set, self.test_set = self.splits["train"], self.splits["test"]
+        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
+                                   seed=cfg.seed, num_workers=cfg.num_workers)
+        if len(self.loader) == 0:
+            raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training images")
+        # networks: right after seeding, so the random-init baseline of evaluate() is the encoder's initial draw
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            backbone = create_backbone(cfg.model, pretrained="none", **m.model_kwargs)
+        vit = check_vit(backbone, "+method=mae")
+        self.image_size = tuple(backbone.spec.input_size)
+        self.patch_size = backbone.spec.patch_size
+        self.num_patches = (self.image_size[0] // self.patch_size) * (self.image_size[1] // self.patch_size)
+        self.channels = self.train_set.channels  # the target is the data's own pixels (1 channel for digits)
+        decoder = MAEDecoder(backbone.spec.feature_dim, self.num_patches, self.patch_size ** 2 * self.channels,
+                             vit.num_prefix_tokens, int(m.decoder.dim), int(m.decoder.depth), int(m.decoder.num_heads))
+        self.model = MAEModel(backbone, decoder).to(self.device)
+        self.forward = maybe_compile(self.model, cfg.compile, self.device)
+        # optimiser and per-step schedules; the lr is given for 256 images and scaled to the batch (published rule)
+        self.optimizer = instantiate(m.optimizer)(param_groups(self.model))
+        self.steps_per_epoch = len(self.loader)
+        total = m.epochs * self.steps_per_epoch
+        self.lr = cosine_schedule(m.optimizer.lr * m.batch_size / 256, m.min_lr, total,
+                                  m.warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.profiler = Profiler(self.device)
+        if cfg.resume:
+            self.load_checkpoint()
+
+    def train(self) -> None:
+        m = self.cfg.method
+        every = self.cfg.checkpoint_every
+        with console.progress(self.cfg.progress) as bar, self.profiler.phase("train"):
+            task = bar.add_task(f"mae {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
+            for epoch in range(self.epoch, m.epochs):
+                start = self.step - epoch * self.steps_per_epoch
+                if start == 0:
+                    self.loss_sum = torch.zeros((), device=self.device)
+                for x, _ in self.loader.epoch(epoch, start=start):  # labels are never used
+                    loss = self.train_step(x)
+                    self.loss_sum += loss.detach()
+                    self.profiler.add_images("train", x.shape[0])
+                    self.step += 1
+                    bar.update(task, advance=1)
+                    if every and self.step % every == 0:
+                        self.save_checkpoint(epoch)
+                # .item() syncs with the device: once per epoch
+                mean_loss = self.loss_sum.item() / self.steps_per_epoch
+                if not torch.isfinite(torch.tensor(mean_loss)):
+                    raise FloatingPointError(f"non-finite MAE loss at epoch {epoch}, step {self.step}")
+                self.history.append({"epoch": epoch, "train_loss": mean_loss, "lr": float(self.lr[self.step - 1])})
+                bar.update(task, info=f"loss {mean_loss:.3f}")
+                self.epoch = epoch + 1
+                self.save_checkpoint(self.epoch)
+
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.method
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[self.step])
+        x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
+        x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
+        if self.cfg.data.get("hflip", True):
+            x = random_hflip(x)
+        ids_keep, mask, ids_restore = random_masking(x.shape[0], self.num_patches, m.mask_ratio, self.device)
+        with self.precision.autocast():
+            pred = self.forward(x, ids_keep, ids_restore)
+        loss = mae_loss(pred, patchify(x, self.patch_size), mask, m.norm_pix)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer, m.clip_grad, self.model.parameters())
+        return loss
+
+    def evaluate(self) -> dict:
+        """The probe on the trained encoder and on the same ViT at its random initialisation."""
+        cfg, m = self.cfg, self.cfg.method
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(self.device)
+        with self.profiler.phase("evaluate", images=2 * (len(self.train_set) + len(self.test_set))):
+            acc = {name: probe_accuracy(net, self.train_set, self.test_set, m.probe, self.image_size, self.device,
+                                        self.precision, cfg.seed)
+                   for name, net in (("mae", self.model.backbone), ("random_init", random_init))}
+        return {"probe": acc, "probe_kind": m.probe.kind}
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
+        save_checkpoint(self.out.path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
+            "loss_sum": self.loss_sum, "config": self.hash})
+
+    def load_checkpoint(self) -> None:
+        state = resume_checkpoint(self.out.path, self.hash)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+
+    def save(self, metrics: dict) -> None:
+        """The encoder as a plain timm state dict + its card (the teacher recipe's format)."""
+        from safetensors.torch import save_model
+
+        save_model(self.model.backbone.model, str(self.out / WEIGHTS))
+        self.out.write_json(CARD, {
+            "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
+            "method": "mae", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
+            "image_size": list(self.image_size), "hash": self.hash, **metrics})
+
+
+def main(cfg: DictConfig) -> dict:
+    recipe = MAERecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    recipe.train()
+    metrics = {**recipe.evaluate(), "history": recipe.history}
+    recipe.save(metrics)
+    with recipe.profiler.phase("attention"):
+        metrics["attention_distance"] = write_attention_report(
+            recipe.out, {"mae": recipe.model.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
+    recipe.out.write_json("metrics.json", metrics)
+    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.model.backbone.spec.to_dict())
+    recipe.out.write_json("profile.json", recipe.profiler.report())
+    probe = metrics["probe"]
+    console.print_results(f"MAE {cfg.model} on {cfg.data.name} ({cfg.method.probe.kind} probe, test split)",
+                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
+                          [["mae", probe["mae"], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
+                            cfg.method.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
+    return metrics

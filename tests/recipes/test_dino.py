@@ -1,0 +1,148 @@
+"""+method=dino: EMA update, multi-crop shapes and scales, the head, and the recipe end to end (loss falls, teacher
+loads into the backbone factory, exact resume, one-line errors)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastdistill.data.multicrop import MultiCrop
+from fastdistill.models import create_backbone
+from fastdistill.models.ssl import DINOHead, MultiCropModel
+from fastdistill.recipes.dino import ema_update, param_groups
+from fastdistill.run import compose, run
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(0)
+    student, teacher = DINOHead(8, 16, 12, 6), DINOHead(8, 16, 12, 6)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for (name, t), b, s in zip(teacher.named_parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s.detach(), msg=f"EMA of {name}")
+    ema_update(teacher, student, 1.0)  # momentum 1 (the end of the cosine schedule) leaves the teacher as it is
+    ema_update(teacher, student, 0.0)
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t, s, msg="momentum 0 copies the student")
+
+
+def _coordinate_image(size: int) -> torch.Tensor:
+    """(1, 3, size, size): channel 0 = x, channel 1 = y of each pixel centre in [-1, 1] (align_corners=False)."""
+    c = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([x, y, torch.zeros_like(x)])[None].float()
+
+
+def test_multicrop_shapes_and_scales():
+    torch.manual_seed(0)
+    mc = MultiCrop(global_size=32, local_size=16, num_local=6, global_scale=(0.5, 1.0), local_scale=(0.1, 0.4),
+                   hflip=False, jitter_p=0.0, grayscale_p=0.0, blur_sigma=(1e-3, 1e-3), solarize_p=0.0)
+    size = 128
+    x = _coordinate_image(size).expand(200, -1, -1, -1)
+    crops = mc(x)
+    assert len(crops) == 8
+    assert all(c.shape == (200, 3, 32, 32) for c in crops[:2]) and all(c.shape == (200, 3, 16, 16) for c in crops[2:])
+    for i, c in enumerate(crops):
+        out = c.shape[-1]
+        # the sampled coordinates span the window: width fraction = range / (2 (1 - 1/out)) (pixel centres)
+        w = (c[:, 0].amax((1, 2)) - c[:, 0].amin((1, 2))) / (2 * (1 - 1 / out))
+        h = (c[:, 1].amax((1, 2)) - c[:, 1].amin((1, 2))) / (2 * (1 - 1 / out))
+        area = w * h
+        lo, hi = (0.5, 1.0) if i < 2 else (0.1, 0.4)
+        tol = 4 / size  # bilinear sampling at the border
+        assert area.min() >= lo - tol and area.max() <= hi + tol, f"crop {i}: areas {area.min():.3f}-{area.max():.3f}"
+        assert area.max() - area.min() > 0.3 * (hi - lo), f"crop {i}: scales must be drawn per sample"
+
+
+def test_multicrop_augmentations_stay_in_range_and_bad_scales_are_clear():
+    torch.manual_seed(0)
+    crops = MultiCrop(global_size=28, local_size=12, num_local=2)(torch.rand(16, 3, 28, 28))
+    assert all(0 <= c.min() and c.max() <= 1 for c in crops)
+    with pytest.raises(ValueError, match="local max <= global min"):
+        MultiCrop(global_scale=(0.3, 1.0), local_scale=(0.1, 0.5))
+
+
+def test_non_vit_backbone_is_refused():
+    from fastdistill.models.ssl import check_vit
+
+    with pytest.raises(ValueError, match="needs a timm ViT with a class token"):
+        check_vit(create_backbone("timm:resnet18"), "+method=dino")
+
+
+def test_head_prototypes_are_unit_norm_and_multicrop_model_batches_by_resolution():
+    torch.manual_seed(0)
+    head = DINOHead(32, 50, 64, 16, norm_last_layer=True, use_bn=True)
+    w = head.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(50), msg="weight-normalised prototypes")
+    assert not head.last_layer.parametrizations.weight.original0.requires_grad
+    backbone = create_backbone("timm:vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=1,
+                               num_heads=2, dynamic_img_size=True)
+    model = MultiCropModel(backbone, head).eval()
+    crops = [torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28), torch.rand(3, 1, 12, 12)]
+    out = model(crops)
+    assert out.shape == (9, 50)
+    torch.testing.assert_close(out[6:], model([crops[2]]), msg="local crops through their own forward pass")
+    decay, no_decay = param_groups(model)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+SMALL = ["+method=dino", "preset=smoke", "data.train_per_class=12", "method.batch_size=40", "method.epochs=3",
+         "method.model_kwargs={img_size:28,patch_size:4,embed_dim:32,depth:2,num_heads:2,dynamic_img_size:true}",
+         "method.head.out_dim=64", "method.head.hidden_dim=64", "method.head.bottleneck_dim=32",
+         "method.optimizer.lr=2e-2", "method.attention.distance_images=20", "method.attention.images=2",
+         "progress=false", "checkpoint_every=4"]
+
+
+def _run(tmp_path, name, *extra):
+    cfg = compose([*SMALL, f"out={tmp_path / name}", *extra])
+    return run(cfg), tmp_path / name
+
+
+def test_dino_learns_saves_a_loadable_teacher_and_resumes_exactly(tmp_path, monkeypatch):
+    metrics, out = _run(tmp_path, "full")
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], f"DINO loss must fall: {losses}"
+    assert set(metrics["probe"]) == {"dino", "random_init"} and all(0 <= v <= 1 for v in metrics["probe"].values())
+    for name in ("model.safetensors", "teacher.json", "metrics.json", "profile.json", "manifest.json",
+                 "attention_dino.png", "attention_distance.png", "attention_distance.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "teacher.json").read_text())
+    teacher = create_backbone(card["model"], pretrained=str(out / "model.safetensors"), **card["model_kwargs"])
+    sd = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(teacher.model.state_dict()["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
+    assert teacher.embed(torch.rand(2, 1, 28, 28)).shape == (2, 32)
+    assert len(metrics["attention_distance"]["dino"]["per_layer"]) == 2
+
+    import fastdistill.recipes.dino as dino
+
+    real_save = dino.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(out_dir, state):
+        real_save(out_dir, state)
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed after the checkpoint of step 4 (3 steps per epoch: mid-epoch 1 of 3)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dino, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "broken")
+    monkeypatch.setattr(dino, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"] == 4
+    _run(tmp_path, "broken", "resume=true")
+    b = load_file(str(tmp_path / "broken" / "model.safetensors"))
+    for k in sd:
+        assert torch.equal(sd[k], b[k]), f"resumed run differs from the unbroken one at {k}"
+    assert json.loads((tmp_path / "broken" / "metrics.json").read_text())["history"] == metrics["history"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["method.crops.local_scale=[0.2,0.7]"], "local max <= global min"),
+    (["method.momentum_teacher=1.5"], "momentum_teacher must be in"),
+    (["method.probe.kind=svm"], "unknown probe 'svm'"),
+    (["method.model_kwargs.dynamic_img_size=false"], "dynamic_img_size: true"),
+])
+def test_bad_dino_config_is_one_line(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, "bad", *extra)
