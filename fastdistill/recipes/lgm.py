@@ -35,6 +35,7 @@ from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
@@ -230,6 +231,10 @@ class LGMRecipe:
         budget = m.get("memory_budget_mib")
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ValueError(f"method.memory_budget_mib must be a number of MiB > 0 or null, got {budget!r}")
+        check = m.get("replica_check_every", 0)
+        if not isinstance(check, int) or isinstance(check, bool) or check < 0:
+            raise ValueError(f"method.replica_check_every must be an integer >= 0 (steps; 0 = only at the end), "
+                             f"got {check!r}")
         check_probe_config(cfg.eval)
         seen = [b for b in m.backbones if same_architecture(b, cfg.eval.backbone)]
         if seen:
@@ -274,7 +279,8 @@ class LGMRecipe:
         self.embeds = [torch.compile(b.embed) if compile_ else b.embed for b in self.backbones]
         self.chunk_size = m.get("chunk_size", 0)
         if self.chunk_size == "auto":
-            self.chunk_size = auto_chunk_size(self.backbones, self.view_size, self.precision, m.get("memory_budget_mib"))
+            self.chunk_size = auto_chunk_size(self.backbones, self.view_size, self.precision,
+                                              m.get("memory_budget_mib"))
         self.n_images = num_classes * cfg.ipc
         self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)  # class-major
         self.sizes = pyramid_sizes(*self.image_size) if m.parametrization == "pyramid" else [self.image_size]
@@ -353,7 +359,8 @@ class LGMRecipe:
 
     def draw_views(self, n: int) -> dict[str, torch.Tensor]:
         m = self.cfg.method
-        return draw_views(n, m.crop_scale, self.hflip, m.noise_p, noise=m.noise_p > 0 and m.noise_std + abs(m.noise_mean) > 0)
+        noise = m.noise_p > 0 and m.noise_std + abs(m.noise_mean) > 0
+        return draw_views(n, m.crop_scale, self.hflip, m.noise_p, noise=noise)
 
     def apply_views(self, x: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.cfg.method
@@ -372,15 +379,17 @@ class LGMRecipe:
         of a real batch (tests, benchmarks)."""
         n = self.cfg.method.augs_per_batch * self.n_images
         # every draw of the step comes from the global generators in this order, whatever the chunk size or rank count
+        # (under torchrun every rank draws all of them, then takes its slice: dist.shard)
         syn_views = self.draw_views(n)
-        rows = slice(0, n)
+        mine = dist.shard(n)
+        rows = slice(mine.start, mine.stop)
         real_x, real_y = self.real_batch(n, rows) if real is None else (real[0][rows], real[1][rows])
         real_views = self.draw_views(n)
         heads = [(HEAD_STD * torch.randn(self.num_classes, b.spec.feature_dim, device=self.device),
                   torch.zeros(self.num_classes, device=self.device)) for b in self.backbones]
-        if self.chunk_size == 0:
+        if self.chunk_size == 0 and dist.world_size() == 1:
             return self._one_pass(syn_views, real_x, real_y, real_views, heads)
-        return self._two_pass(syn_views, real_x, real_y, real_views, heads)
+        return self._two_pass(syn_views, real_x, real_y, real_views, heads, mine)
 
     def _one_pass(self, syn_views, real_x, real_y, real_views, heads) -> torch.Tensor:
         """The step of the LGM issue: every synthetic view's activations are kept for one backward through the
@@ -403,10 +412,11 @@ class LGMRecipe:
         return loss
 
     def _chunks(self, rows: range):
-        for start in range(rows.start, rows.stop, self.chunk_size):
-            yield range(start, min(start + self.chunk_size, rows.stop))
+        size = self.chunk_size or max(len(rows), 1)
+        for start in range(rows.start, rows.stop, size):
+            yield range(start, min(start + size, rows.stop))
 
-    def _two_pass(self, syn_views, real_x, real_y, real_views, heads) -> torch.Tensor:
+    def _two_pass(self, syn_views, real_x, real_y, real_views, heads, mine: range) -> torch.Tensor:
         """The memory-bounded step: the same function as :meth:`_one_pass`, with at most ``chunk_size`` views'
         activations of one backbone alive at a time.
 
@@ -414,59 +424,86 @@ class LGMRecipe:
         partial sums; then the loss and dL/dF of every synthetic view in closed form (losses/grad_cosine.py).
         Pass 2, chunk by chunk: the same views again (stored draws), the backbone with autograd, and
         ``F_chunk.backward(dL/dF_chunk)`` into the synthetic images; one backward through the decode at the end.
+
+        Data-parallel under torchrun: this rank runs both passes on its slice ``mine`` of the synthetic views and of
+        the real batch; the partial head-gradient sums (C x D + C per backbone and side) and dL/d(images) are
+        all-reduced, so every rank takes the same optimiser step. ``chunk_size: 0`` under torchrun keeps the slice's
+        graph from pass 1 (one chunk, no second forward).
         """
         augs, n_img = self.cfg.method.augs_per_batch, self.n_images
         n = augs * n_img
-        syn_rows, real_rows = range(0, n), range(0, len(real_y))
+        syn_rows = real_rows = mine
+        keep_graph = self.chunk_size == 0
         syn_labels = self.labels.to(self.device).repeat(augs)
         images = self.images()
         pixels = images.detach().requires_grad_()  # pass 2 accumulates dL/d(images) here
+        dtype = torch.promote_types(pixels.dtype, torch.float32)
 
         def syn_chunk(rows: range) -> torch.Tensor:  # view i is synthetic image i mod n_images
             return self.apply_views(pixels[torch.arange(rows.start, rows.stop) % n_img], take_views(syn_views, rows))
 
         # pass 1: features and partial head-gradient sums, no graph
-        real_sums = [[0.0, 0.0] for _ in self.backbones]
-        syn_sums = [[0.0, 0.0] for _ in self.backbones]
+        # sums[side][m] = [E^T F (C, D), sum_n E (C,)] of this rank's views, side 0 real, 1 synthetic
+        sums = [[[torch.zeros(self.num_classes, w.shape[1], dtype=dtype, device=self.device),
+                  torch.zeros(self.num_classes, dtype=dtype, device=self.device)] for w, _ in heads] for _ in range(2)]
         feats = [[] for _ in self.backbones]
+
+        def add_sums(side: int, m: int, f: torch.Tensor, labels: torch.Tensor) -> None:
+            for k, t in enumerate(linear_head_grad_sums(f.detach(), labels, *heads[m])):
+                sums[side][m][k] += t
+
         with torch.no_grad():
             for rows in self._chunks(real_rows):
-                x = self.apply_views(real_x[rows.start:rows.stop], take_views(real_views, rows))
-                for m, (embed, (w, b)) in enumerate(zip(self.embeds, heads)):
+                local = slice(rows.start - real_rows.start, rows.stop - real_rows.start)
+                x = self.apply_views(real_x[local], take_views(real_views, rows))
+                for m, embed in enumerate(self.embeds):
                     with self.precision.autocast():
                         f = embed(x)
-                    for k, t in enumerate(linear_head_grad_sums(f, real_y[rows.start:rows.stop], w, b)):
-                        real_sums[m][k] = real_sums[m][k] + t
+                    add_sums(0, m, f, real_y[local])  # outside autocast: the head statistics stay fp32
+        with torch.set_grad_enabled(keep_graph):
             for rows in self._chunks(syn_rows):
                 x = syn_chunk(rows)
-                for m, (embed, (w, b)) in enumerate(zip(self.embeds, heads)):
+                for m, embed in enumerate(self.embeds):
                     with self.precision.autocast():
                         f = embed(x)
-                    f = f.to(torch.promote_types(f.dtype, torch.float32))  # bf16/fp16 features -> fp32 statistics
                     feats[m].append(f)
-                    for k, t in enumerate(linear_head_grad_sums(f, syn_labels[rows.start:rows.stop], w, b)):
-                        syn_sums[m][k] = syn_sums[m][k] + t
-        n_real = len(real_y)
-        real_grads = [(s[0] / n_real, s[1] / n_real) for s in real_sums]
-        loss, adjoints = grad_cosine_adjoint([(s[0] / n, s[1] / n) for s in syn_sums], real_grads,
+                    add_sums(1, m, f, syn_labels[rows.start:rows.stop])
+        # the only communication of pass 1: one all-reduce of the small head-gradient sums
+        parts = [t for side in sums for pair in side for t in pair]
+        flat = dist.all_reduce(torch.cat([t.flatten() for t in parts]))
+        for t, reduced in zip(parts, flat.split([t.numel() for t in parts])):
+            t.copy_(reduced.view_as(t))
+        real_grads = [(s / n, s_b / n) for s, s_b in sums[0]]
+        loss, adjoints = grad_cosine_adjoint([(s / n, s_b / n) for s, s_b in sums[1]], real_grads,
                                              self.backbone_weights)
-        feat_grads = [self.precision.scaler.scale(grad_cosine_feature_grad(
-            torch.cat(f), syn_labels[syn_rows.start:syn_rows.stop], w, b, adj, n))
-            for f, (w, b), adj in zip(feats, heads, adjoints)]
-        del feats
+        mine_labels = syn_labels[syn_rows.start:syn_rows.stop]
+        # fp16: the loss scale enters here (a rank with no views, when there are more ranks than views, has none)
+        feat_grads = [self.precision.scaler.scale(grad_cosine_feature_grad(torch.cat(f).detach(), mine_labels, *head,
+                                                                           adjoint, n))
+                      for f, head, adjoint in zip(feats, heads, adjoints) if f]
 
         # pass 2: the same views with autograd, one backbone at a time
-        for rows in self._chunks(syn_rows):
-            x = syn_chunk(rows)
-            x_leaf = x.detach().requires_grad_()
-            local = slice(rows.start - syn_rows.start, rows.stop - syn_rows.start)
-            for embed, grad in zip(self.embeds, feat_grads):
-                with self.precision.autocast():
-                    f = embed(x_leaf)
-                f.backward(grad[local].to(f.dtype))
-            x.backward(x_leaf.grad)
-        images.backward(pixels.grad)
+        if keep_graph:
+            if feat_grads:
+                torch.autograd.backward([torch.cat(f) for f in feats],
+                                        [g.to(f[0].dtype) for f, g in zip(feats, feat_grads)])
+        else:
+            del feats
+            for rows in self._chunks(syn_rows):
+                x = syn_chunk(rows)
+                x_leaf = x.detach().requires_grad_()
+                local = slice(rows.start - syn_rows.start, rows.stop - syn_rows.start)
+                for embed, grad in zip(self.embeds, feat_grads):
+                    with self.precision.autocast():
+                        f = embed(x_leaf)
+                    f.backward(grad[local].to(f.dtype))
+                x.backward(x_leaf.grad)
+        grad = pixels.grad if pixels.grad is not None else torch.zeros_like(pixels)
+        # the pyramid levels' gradients are linear in the images': one all-reduce of dL/d(images) gives each rank
+        # the same level gradients, hence the same Adam step
+        images.backward(dist.all_reduce(grad))
         return loss
+
 
     def train(self) -> None:
         cfg, m = self.cfg, self.cfg.method
@@ -480,7 +517,10 @@ class LGMRecipe:
                 self.loss_sum += self.distill_step()
                 self.loss_count += 1
                 self.step += 1
-                self.profiler.add_images("distill", m.augs_per_batch * self.n_images * 2 * len(self.backbones))
+                self.profiler.add_images("distill", len(dist.shard(m.augs_per_batch * self.n_images)) * 2
+                                         * len(self.backbones))
+                if m.get("replica_check_every") and self.step % m.replica_check_every == 0:
+                    self.check_replicas()
                 bar.update(task, advance=1)
                 if self.step % m.log_every == 0 or self.step == m.iterations:
                     mean = self.loss_sum.item() / self.loss_count  # .item() syncs with the device: log steps only
@@ -492,7 +532,14 @@ class LGMRecipe:
                     self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
                 if every and self.step % every == 0 and self.step < m.iterations:
                     self.save_checkpoint()
+        self.check_replicas()
         self.save_checkpoint()
+
+    def check_replicas(self) -> None:
+        """Under torchrun: stop with a RuntimeError when the ranks' synthetic parameters differ (they take the same
+        all-reduced steps, so they stay bit-identical unless a rank went wrong). No-op in one process."""
+        dist.check_replicas(torch.cat([lv.detach().flatten() for lv in self.levels]),
+                            f"the LGM synthetic parameters at step {self.step}")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -510,6 +557,7 @@ class LGMRecipe:
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:
+        # under torchrun every rank calls it (the RNG states are gathered) and rank 0 writes the identical replicas
         save_checkpoint(self.out.path, {
             "levels": [lv.detach().cpu() for lv in self.levels], "base": self.base.cpu(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(), "step": self.step,
@@ -545,10 +593,10 @@ class LGMRecipe:
 
 def main(cfg: DictConfig) -> dict:
     recipe = LGMRecipe(cfg)
-    recipe.out.write_config(cfg)
+    recipe.out.write_config(cfg)  # artifacts: rank 0 writes them under torchrun
     recipe.setup()
     recipe.train()
-    ev = recipe.evaluate()
+    ev = recipe.evaluate()  # the probe trains as DDP replicas on every rank
     metrics = recipe.save(ev)
     console.print_results(f"lgm ipc {cfg.ipc} on {cfg.data.name}: linear probe on {ev['backbone']} (unseen)",
                           ["training set", "test acc mean", "std", "runs"], result_rows(ev), recipe.out.path)

@@ -61,7 +61,8 @@ def test_two_pass_gradient_equals_one_pass_in_float64(tmp_path, seed):
              f"{parametrization}, N = {n}")
     for chunk in chunks:
         two_loss, grads = _gradients(recipe, chunk, real, seed)
-        torch.testing.assert_close(two_loss, loss, atol=1e-13, rtol=1e-12, msg=lambda m: f"loss, chunk {chunk}, {where}")
+        torch.testing.assert_close(two_loss, loss, atol=1e-13, rtol=1e-12,
+                                   msg=lambda m: f"loss, chunk {chunk}, {where}: {m}")
         for k, (g, e) in enumerate(zip(grads, expected)):
             assert e.abs().max() > 0, f"level {k} has a zero one-pass gradient, {where}"
             torch.testing.assert_close(g, e, atol=1e-13 * e.abs().max().item(), rtol=1e-9,
@@ -102,8 +103,10 @@ def test_auto_chunk_size_is_the_budget_over_the_saved_activations_per_view(tmp_p
     (["method.chunk_size=-1"], "method.chunk_size must be an integer >= 0 (0 = one pass) or auto, got -1"),
     (["method.chunk_size=half"], "method.chunk_size must be an integer >= 0 (0 = one pass) or auto, got 'half'"),
     (["method.memory_budget_mib=0"], "method.memory_budget_mib must be a number of MiB > 0 or null, got 0"),
+    (["method.replica_check_every=-1"], "method.replica_check_every must be an integer >= 0 (steps; 0 = only at the "
+                                        "end), got -1"),
 ])
-def test_bad_chunk_settings_are_one_clear_error(tmp_path, extra, message):
+def test_bad_chunk_and_replica_settings_are_one_clear_error(tmp_path, extra, message):
     with pytest.raises(ValueError) as err:
         run(compose(["+method=lgm", "preset=smoke", "method.backbone_pretrained=none", f"out={tmp_path}", *extra]))
     assert str(err.value) == message
