@@ -143,8 +143,8 @@ def test_bad_input_is_one_line(tmp_path, override, error, match):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_default_preset_kd_student_beats_the_student_alone(tmp_path):
-    """The README's claim at a reduced size: trained teachers, 20 labelled digits per class."""
-    metrics = run(compose(["+method=kd_multi", "preset=default", "method.train_per_class=20", "progress=false",
-                           f"out={tmp_path}"]))
+    """The README's claim: the default preset (teachers trained and cached first: about 15 minutes on 2 idle cores)."""
+    metrics = run(compose(["+method=kd_multi", "preset=default", "progress=false", f"out={tmp_path}"]))
     assert metrics["student"]["kd"] > metrics["student"]["baseline"] + 0.02, metrics["student"]
