@@ -18,10 +18,15 @@ backpropagated into the synthetic parameters only (backbones frozen, heads never
   ``augs_per_batch`` augmented copies of the synthetic set per step against ``ipc * augs * classes`` random real
   images, whose forward runs without autograd.
 - The loss is ``kernels/grad_cosine.py`` (Triton on CUDA, the closed-form PyTorch reference elsewhere).
+- Memory: the one-pass step keeps every synthetic view's activations for one backward (linear in augs_per_batch);
+  with ``method.chunk_size`` the two-pass step computes features, loss and dL/dF chunk by chunk without a graph,
+  then backpropagates chunk by chunk on the same views (stored draws): the same gradient, memory flat in augs.
+- Under ``torchrun`` each rank takes its slice of the views and of the real batch; the head-gradient sums and
+  dL/d(images) are all-reduced, so every rank takes the same step (replicas checked every replica_check_every).
 The set is judged by a linear probe on an evaluator backbone NOT used here (``eval/linear_probe.py``).
 
 Keys that matter: ``ipc``, ``method.backbones``, ``method.backbone_weights``, ``method.parametrization``,
-``method.iterations``, ``method.lr``, ``method.augs_per_batch``, ``eval.backbone``.
+``method.iterations``, ``method.lr``, ``method.augs_per_batch``, ``method.chunk_size``, ``eval.backbone``.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Data-parallel LGM: ``torchrun --nproc_per_node=2`` (gloo, CPU) gives the synthetic set of one process after a
-few steps with the same draws; ranks whose replicas diverge stop with a clear error."""
+few steps with the same draws; ranks whose replicas diverge stop with a clear error (slow)."""
 import os
 import socket
 import subprocess
@@ -76,6 +76,7 @@ def _diverging_rank(rank: int, port: int, out: str, errors) -> None:
         dist.cleanup()
 
 
+@pytest.mark.slow  # two more processes; check_replicas itself is in tests/engine/test_distributed.py
 def test_diverged_replicas_stop_with_a_clear_error(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
