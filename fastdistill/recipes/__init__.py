@@ -13,6 +13,7 @@ RECIPES = {
     "dino": "fastdistill.recipes.dino",
     "evaluate": "fastdistill.recipes.evaluate",
     "fadrm": "fastdistill.recipes.fadrm",
+    "kd_clip": "fastdistill.recipes.kd_clip",
     "kd_multi": "fastdistill.recipes.kd_multi",
     "lgm": "fastdistill.recipes.lgm",
     "mae": "fastdistill.recipes.mae",
