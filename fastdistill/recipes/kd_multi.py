@@ -7,7 +7,7 @@ ViT learns from the labels, both teachers' class distributions and one attention
 
     L = CE_S + CE_CL + CE_MIM + L_KD + L_Attn
     L_KD   = l1 T^2 KL(p_CL || p_S) + (1 - l1) T^2 KL(p_MIM || p_S)                      (p = softmax(z / T))
-    L_Attn = l2 KL(A_CL^h* || A_S^S1) + (1 - l2) KL(A_MIM^h* || A_S^S2)      per attention row, layer ``attention_layer``
+    L_Attn = l2 KL(A_CL^h* || A_S^S1) + (1 - l2) KL(A_MIM^h* || A_S^S2)     per attention row of ``attention_layer``
 
 where each teacher's head h* has the highest Attention Confidence C_h = mean_q max_k A_h(q, k) on the batch, and
 S1, S2 are fixed student heads (``student_heads``). Teacher signals are constants of the student's losses. A teacher
@@ -19,6 +19,8 @@ The same student is also trained alone (CE only, the same optimiser, schedule, a
 ``metrics.json`` holds ``{"student": {"kd": acc, "baseline": acc}, "teachers": {...}}``. Teachers come from
 ``weights``: ``none`` / ``hub`` / a weights file / a run folder with ``teacher.json`` / ``trained`` (trained on the
 run's data by the recipe named in ``recipe``, e.g. ``dino`` or ``mae``, and cached under a hash of its config).
+The run ends with CLS-attention overlays (``attention_<model>.png``) and the attention-distance plot of the KD
+student and both teachers (``eval/attention.py``).
 
 Keys that matter: ``model`` (student), ``method.teachers``, ``method.adaptation``, ``method.lambda_output``,
 ``method.lambda_attention``, ``method.temperature``, ``method.train_per_class``, ``method.epochs``.
@@ -42,6 +44,7 @@ from fastdistill.data.transforms import random_hflip, random_resized_crop, to_in
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.engine.seeding import rng_state, set_rng_state
+from fastdistill.eval.attention import write_attention_report
 from fastdistill.eval.classify import accuracy
 from fastdistill.kernels import attention_kl as fused
 from fastdistill.losses import attention_kl as reference
@@ -202,11 +205,12 @@ class KDMultiRecipe:
             model, kwargs, weights = card["model"], card.get("model_kwargs", {}), str(Path(weights) / WEIGHTS)
         net = create_backbone(model, pretrained=weights, num_classes=len(self.classes), **kwargs).to(self.device)
         net.eval()  # timm ViTs have no batch norm; eval keeps any dropout of a foreign config off
-        trainable = {"linear": ("head",), "partial1": ("head", "norm", "fc_norm", f"blocks.{len(net.model.blocks) - 1}"),
-                     "full": ("",)}[m.adaptation] if hasattr(net.model, "blocks") else ("",)
+        self.teacher_taps[role] = QKTap(net, m.attention_layer)  # first: a non-ViT teacher fails here, in one line
+        last = f"blocks.{len(net.model.blocks) - 1}."
+        trainable = {"linear": ("head",), "partial1": ("head", "norm", "fc_norm", last),
+                     "full": ("",)}[m.adaptation]
         for name, p in net.model.named_parameters():
             p.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
-        self.teacher_taps[role] = QKTap(net, m.attention_layer)
         spec = net.spec
         self.teacher_sizes[role] = tuple(spec.input_size) if spec.fixed_size else None
         info = {"model": model, "weights": str(t.weights), "recipe": t.recipe if str(t.weights) == "trained" else None,
@@ -373,8 +377,11 @@ def main(cfg: DictConfig) -> dict:
     recipe.train()
     with recipe.profiler.phase("evaluate", images=2 * len(recipe.test_set)):
         teachers = recipe.evaluate_teachers()
+    with recipe.profiler.phase("attention"):
+        models = {"student_kd": recipe.student, **{f"teacher_{r}": net for r, net in recipe.teachers.items()}}
+        distance = write_attention_report(recipe.out, models, recipe.test_set, cfg.method.attention, recipe.device)
     metrics = {"student": {"kd": recipe.results["kd"], "baseline": recipe.results["baseline"]}, "teachers": teachers,
-               "train_images": len(recipe.train_set), "history": recipe.history}
+               "train_images": len(recipe.train_set), "attention_distance": distance, "history": recipe.history}
     recipe.out.write_json("metrics.json", metrics)
     recipe.out.write_manifest(cfg, recipe.device, config_hash=recipe.hash, student=recipe.student.spec.to_dict(),
                               teachers={r: net.spec.to_dict() for r, net in recipe.teachers.items()})

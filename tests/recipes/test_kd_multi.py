@@ -12,9 +12,9 @@ from fastdistill.run import compose, run
 VIT = "timm:vit_tiny_patch16_224"
 TINY = "{img_size: 28, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}"
 # 450 training digits per class leave 50 per class (500) for the test split; the student sees 10 per class
-SMALL = ["+method=kd_multi", "preset=smoke", f"model={VIT}", f"++method.model_kwargs={TINY}", "data.train_per_class=450",
-         "method.train_per_class=10", "method.epochs=2", "method.batch_size=25", "method.lambda_attention=0.5",
-         "progress=false"]
+SMALL = ["+method=kd_multi", "preset=smoke", f"model={VIT}", f"++method.model_kwargs={TINY}",
+         "data.train_per_class=450", "method.train_per_class=10", "method.epochs=2", "method.batch_size=25", "method.lambda_attention=0.5",
+         "method.attention.distance_images=20", "progress=false"]
 
 
 def _teachers(cl="none", mim="none", mim_kwargs=TINY):
@@ -48,7 +48,9 @@ def test_kd_multi_end_to_end_writes_metrics_and_every_loss_term(tmp_path, traine
     cfg = compose([*SMALL, *_teachers(cl=str(folder), mim="none", mim_kwargs=mim_kwargs), f"out={tmp_path / 'a'}"])
     metrics = run(cfg)
     out = tmp_path / "a"
-    for name in ("config.yaml", "manifest.json", "metrics.json", "profile.json", "checkpoint.pt"):
+    for name in ("config.yaml", "manifest.json", "metrics.json", "profile.json", "checkpoint.pt",
+                 "attention_student_kd.png", "attention_teacher_cl.png", "attention_teacher_mim.png",
+                 "attention_distance.json", "attention_distance.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["student"]) == {"kd", "baseline"} and set(saved["teachers"]) == {"cl", "mim"}
@@ -135,11 +137,13 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
      "method.teachers.cl.weights '/nonexistent/dino.safetensors' not found"),
     ("method.teachers.mim.recipe=mea", ValueError, "method.teachers.mim.recipe 'mea' is not a method"),
     ("method.student_heads=[0,5]", ValueError, r"must index the student's 3 heads"),
+    ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
+     "is not a ViT with qkv attention"),
 ])
 def test_bad_input_is_one_line(tmp_path, override, error, match):
     teachers = _teachers() if "recipe" not in override else _teachers()[:2] + ["method.teachers.mim.weights=trained"]
     with pytest.raises(error, match=match):
-        run(compose([*SMALL, *teachers, f"out={tmp_path}", override]))
+        run(compose([*SMALL, *teachers, f"out={tmp_path}", *override.split()]))
 
 
 @pytest.mark.slow
