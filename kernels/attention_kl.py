@@ -41,15 +41,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, rows, cols, n_tokens, head_dim, scale, DOT_DTYPE: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """scale Q[rows] K[cols]^T, a (BLOCK_M, BLOCK_N) fp32 tile; ``q_ptr``/``k_ptr`` point at one (L, D) head."""
+def _load_tokens(ptr, idx, n_tokens, head_dim, BLOCK_D: tl.constexpr):
+    """Rows ``idx`` of one (L, D) head, a (len(idx), BLOCK_D) tile in the input dtype, zero outside."""
     dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < head_dim
-    q = tl.load(q_ptr + rows[:, None] * head_dim + dims[None, :],
-                mask=(rows < n_tokens)[:, None] & dim_mask[None, :], other=0.0)
-    k = tl.load(k_ptr + cols[:, None] * head_dim + dims[None, :],
-                mask=(cols < n_tokens)[:, None] & dim_mask[None, :], other=0.0)
+    return tl.load(ptr + idx[:, None] * head_dim + dims[None, :],
+                   mask=(idx < n_tokens)[:, None] & (dims < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, scale, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """scale Q K^T of two loaded tiles, fp32."""
     return tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale
 
 
@@ -83,6 +84,9 @@ def _attention_kl_fwd_kernel(
     qs_ptr += head * n_tokens * dim_s
     ks_ptr += head * n_tokens * dim_s
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the query tiles stay in registers while the key blocks stream past
+    q_t = _load_tokens(qt_ptr, rows, n_tokens, dim_t, BLOCK_DT)
+    q_s = _load_tokens(qs_ptr, rows, n_tokens, dim_s, BLOCK_DS)
 
     m_t = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     m_s = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -92,8 +96,8 @@ def _attention_kl_fwd_kernel(
     for n0 in range(0, n_tokens, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         valid = (cols < n_tokens)[None, :]
-        s_t = _scores(qt_ptr, kt_ptr, rows, cols, n_tokens, dim_t, scale_t, DOT_DTYPE, DOT_PRECISION, BLOCK_DT)
-        s_s = _scores(qs_ptr, ks_ptr, rows, cols, n_tokens, dim_s, scale_s, DOT_DTYPE, DOT_PRECISION, BLOCK_DS)
+        s_t = _scores(q_t, _load_tokens(kt_ptr, cols, n_tokens, dim_t, BLOCK_DT), scale_t, DOT_DTYPE, DOT_PRECISION)
+        s_s = _scores(q_s, _load_tokens(ks_ptr, cols, n_tokens, dim_s, BLOCK_DS), scale_s, DOT_DTYPE, DOT_PRECISION)
         # padding columns (zero keys) score 0: the gap is taken before they are masked to -inf, so it stays finite
         gap = tl.where(valid, s_t - s_s, 0.0)
         s_t = tl.where(valid, s_t, -float("inf"))
@@ -118,12 +122,11 @@ def _attention_kl_fwd_kernel(
 
 
 @triton.jit
-def _score_grad(qt_ptr, kt_ptr, qs_ptr, ks_ptr, lse_t_ptr, lse_s_ptr, head, rows, cols, n_tokens, dim_t, dim_s,
-                scale_t, scale_s, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_DT: tl.constexpr,
-                BLOCK_DS: tl.constexpr):
+def _score_grad(q_t, k_t, q_s, k_s, lse_t_ptr, lse_s_ptr, head, rows, cols, n_tokens, scale_t, scale_s,
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dS' = A_s - A_t on the (rows, cols) tile (0 outside the L x L map); the caller applies 1/rows and scale_s."""
-    s_t = _scores(qt_ptr, kt_ptr, rows, cols, n_tokens, dim_t, scale_t, DOT_DTYPE, DOT_PRECISION, BLOCK_DT)
-    s_s = _scores(qs_ptr, ks_ptr, rows, cols, n_tokens, dim_s, scale_s, DOT_DTYPE, DOT_PRECISION, BLOCK_DS)
+    s_t = _scores(q_t, k_t, scale_t, DOT_DTYPE, DOT_PRECISION)
+    s_s = _scores(q_s, k_s, scale_s, DOT_DTYPE, DOT_PRECISION)
     row_mask = rows < n_tokens
     lse_t = tl.load(lse_t_ptr + head * n_tokens + rows, mask=row_mask, other=0.0)
     lse_s = tl.load(lse_s_ptr + head * n_tokens + rows, mask=row_mask, other=0.0)
@@ -163,16 +166,17 @@ def _attention_kl_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_DS)
     dim_mask = dims < dim_s
+    q_t = _load_tokens(qt_ptr, rows, n_tokens, dim_t, BLOCK_DT)
+    q_s = _load_tokens(qs_ptr, rows, n_tokens, dim_s, BLOCK_DS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
     for n0 in range(0, n_tokens, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        ds = _score_grad(qt_ptr, kt_ptr, qs_ptr, ks_ptr, lse_t_ptr, lse_s_ptr, head, rows, cols, n_tokens, dim_t,
-                         dim_s, scale_t, scale_s, DOT_DTYPE, DOT_PRECISION, BLOCK_DT, BLOCK_DS)
-        k = tl.load(ks_ptr + cols[:, None] * dim_s + dims[None, :],
-                    mask=(cols < n_tokens)[:, None] & dim_mask[None, :], other=0.0)
+        k_s = _load_tokens(ks_ptr, cols, n_tokens, dim_s, BLOCK_DS)
+        ds = _score_grad(q_t, _load_tokens(kt_ptr, cols, n_tokens, dim_t, BLOCK_DT), q_s, k_s, lse_t_ptr, lse_s_ptr,
+                         head, rows, cols, n_tokens, scale_t, scale_s, DOT_DTYPE, DOT_PRECISION)
         # dS stays fp32 in the dot: its entries are differences of probabilities, which half precision would round
-        acc = tl.dot(ds, k.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(ds, k_s.to(tl.float32), acc, input_precision=DOT_PRECISION)
     tl.store(dq_ptr + head * n_tokens * dim_s + rows[:, None] * dim_s + dims[None, :],
              (acc * (coef * scale_s)).to(dq_ptr.dtype.element_ty),
              mask=(rows < n_tokens)[:, None] & dim_mask[None, :])
@@ -211,15 +215,16 @@ def _attention_kl_bwd_dk_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_DS)
     dim_mask = dims < dim_s
+    k_t = _load_tokens(kt_ptr, cols, n_tokens, dim_t, BLOCK_DT)
+    k_s = _load_tokens(ks_ptr, cols, n_tokens, dim_s, BLOCK_DS)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
     for m0 in range(0, n_tokens, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        ds = _score_grad(qt_ptr, kt_ptr, qs_ptr, ks_ptr, lse_t_ptr, lse_s_ptr, head, rows, cols, n_tokens, dim_t,
-                         dim_s, scale_t, scale_s, DOT_DTYPE, DOT_PRECISION, BLOCK_DT, BLOCK_DS)
-        q = tl.load(qs_ptr + rows[:, None] * dim_s + dims[None, :],
-                    mask=(rows < n_tokens)[:, None] & dim_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(ds), q.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        q_s = _load_tokens(qs_ptr, rows, n_tokens, dim_s, BLOCK_DS)
+        ds = _score_grad(_load_tokens(qt_ptr, rows, n_tokens, dim_t, BLOCK_DT), k_t, q_s, k_s, lse_t_ptr, lse_s_ptr,
+                         head, rows, cols, n_tokens, scale_t, scale_s, DOT_DTYPE, DOT_PRECISION)
+        acc = tl.dot(tl.trans(ds), q_s.to(tl.float32), acc, input_precision=DOT_PRECISION)
     tl.store(dk_ptr + head * n_tokens * dim_s + cols[:, None] * dim_s + dims[None, :],
              (acc * (coef * scale_s)).to(dk_ptr.dtype.element_ty),
              mask=(cols < n_tokens)[:, None] & dim_mask[None, :])
