@@ -79,6 +79,10 @@ class KDClipRecipe:
         if m.kd.objective == "cp" and m.gen.mode == "cls2img":
             raise ValueError("method.kd.objective=cp predicts the source real image of each generated image; "
                              "gen=cls2img images come from prompts: use gen=img2img, folder or none")
+        if m.gen.mode in ("cls2img", "img2img") and not m.gen.pipeline:
+            raise ValueError(f"gen={m.gen.mode} needs method.gen.pipeline=/path/to/a/diffusers/pipeline/folder")
+        if m.gen.mode == "folder" and not m.gen.folder:
+            raise ValueError("gen=folder needs method.gen.folder=DIR (images with an index.json of sources)")
         if not str(m.student).startswith("timm:"):
             raise ValueError(f"method.student must be a timm backbone (timm:<arch>), got {m.student!r}")
         parse_backbone_id(m.teacher)

@@ -118,6 +118,7 @@ def test_resume_equals_unbroken_run(tmp_path, monkeypatch):
     (["method.kd.objective=xd"], ValueError, "unknown method.kd.objective 'xd'; expected one of fd, ld, cp"),
     (["method.kd.objective=cp", "method.gen.mode=cls2img"], ValueError, "gen=cls2img images come from prompts"),
     (["method.gen.mode=gan"], ValueError, "unknown method.gen.mode 'gan'"),
+    (["method.gen.mode=img2img"], ValueError, "gen=img2img needs method.gen.pipeline=/path/to/a/diffusers"),
     (["method.student=open_clip:RN50"], ValueError, "method.student must be a timm backbone"),
     (["method.teacher=keras:vgg"], ValueError, "unknown backbone source 'keras'"),
 ])
