@@ -13,9 +13,10 @@ the uniform collapse: the two together are what keeps DINO from collapsing witho
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastdistill.engine import distributed as dist
 
 
 def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float,
@@ -52,9 +53,8 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     """``c <- m c + (1 - m) mean_n t_n`` in place; the batch mean is global across processes under torchrun."""
     batch_sum = teacher_out.float().sum(dim=0)
     count = torch.tensor(float(teacher_out.shape[0]), device=center.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_sum)
-        dist.all_reduce(count)
+    dist.all_reduce(batch_sum)
+    dist.all_reduce(count)
     center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)
     return center
 

@@ -31,6 +31,7 @@ from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.multicrop import MultiCrop
 from fastdistill.data.transforms import to_input
+from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.attention import write_attention_report
@@ -103,7 +104,11 @@ class DINORecipe:
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.forward_student = maybe_compile(self.student, cfg.compile, self.device)
+        # under torchrun the student is a DDP replica (DDP starts every rank from rank 0's weights); the EMA teacher
+        # follows identical students, so it stays identical too
+        self.forward_student = maybe_compile(dist.wrap_ddp(self.student, self.device), cfg.compile, self.device)
+        if dist.rank():  # the other ranks draw other crops; rank 0 keeps the one-process stream
+            seed_everything(cfg.seed + dist.rank())
         self.forward_teacher = maybe_compile(self.teacher, cfg.compile, self.device)
         spec = backbone.spec
         self.image_size = tuple(spec.input_size)
@@ -114,7 +119,8 @@ class DINORecipe:
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
         self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
-                                   seed=cfg.seed, num_workers=cfg.num_workers)
+                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
+                                   world_size=dist.world_size())
         if len(self.loader) == 0:
             raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training images")
         self.multicrop = build_multicrop(m.crops, self.image_size[0], bool(cfg.data.get("hflip", True)))
@@ -154,7 +160,7 @@ class DINORecipe:
                     if every and self.step % every == 0:
                         self.save_checkpoint(epoch)
                 # .item() syncs with the device: once per epoch
-                mean_loss = self.loss_sum.item() / self.steps_per_epoch
+                mean_loss = dist.all_reduce(self.loss_sum.clone(), "mean").item() / self.steps_per_epoch
                 if not torch.isfinite(torch.tensor(mean_loss)):
                     raise FloatingPointError(f"non-finite DINO loss at epoch {epoch}, step {self.step}")
                 self.history.append({"epoch": epoch, "train_loss": mean_loss,
@@ -222,7 +228,8 @@ class DINORecipe:
         """The teacher backbone as a plain timm state dict + its card (the teacher recipe's format)."""
         from safetensors.torch import save_model
 
-        save_model(self.teacher.backbone.model, str(self.out / WEIGHTS))
+        if dist.is_main():
+            save_model(self.teacher.backbone.model, str(self.out / WEIGHTS))
         self.out.write_json(CARD, {
             "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
             "method": "dino", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
@@ -237,7 +244,7 @@ def main(cfg: DictConfig) -> dict:
     metrics = {**recipe.evaluate(), "history": recipe.history}
     recipe.save(metrics)
     with recipe.profiler.phase("attention"):
-        metrics["attention_distance"] = write_attention_report(
+        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
             recipe.out, {"dino": recipe.teacher.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
     recipe.out.write_json("metrics.json", metrics)
     recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.teacher.backbone.spec.to_dict())

@@ -24,6 +24,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.attention import write_attention_report
@@ -61,7 +62,8 @@ class MAERecipe:
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
         self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
-                                   seed=cfg.seed, num_workers=cfg.num_workers)
+                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
+                                   world_size=dist.world_size())
         if len(self.loader) == 0:
             raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training images")
         # networks: right after seeding, so the random-init baseline of evaluate() is the encoder's initial draw
@@ -76,7 +78,10 @@ class MAERecipe:
         decoder = MAEDecoder(backbone.spec.feature_dim, self.num_patches, self.patch_size ** 2 * self.channels,
                              vit.num_prefix_tokens, int(m.decoder.dim), int(m.decoder.depth), int(m.decoder.num_heads))
         self.model = MAEModel(backbone, decoder).to(self.device)
-        self.forward = maybe_compile(self.model, cfg.compile, self.device)
+        # under torchrun a DDP replica; the other ranks draw other crops and masks, rank 0 the one-process ones
+        self.forward = maybe_compile(dist.wrap_ddp(self.model, self.device), cfg.compile, self.device)
+        if dist.rank():
+            seed_everything(cfg.seed + dist.rank())
         # optimiser and per-step schedules; the lr is given for 256 images and scaled to the batch (published rule)
         self.optimizer = instantiate(m.optimizer)(param_groups(self.model))
         self.steps_per_epoch = len(self.loader)
@@ -107,7 +112,7 @@ class MAERecipe:
                     if every and self.step % every == 0:
                         self.save_checkpoint(epoch)
                 # .item() syncs with the device: once per epoch
-                mean_loss = self.loss_sum.item() / self.steps_per_epoch
+                mean_loss = dist.all_reduce(self.loss_sum.clone(), "mean").item() / self.steps_per_epoch
                 if not torch.isfinite(torch.tensor(mean_loss)):
                     raise FloatingPointError(f"non-finite MAE loss at epoch {epoch}, step {self.step}")
                 self.history.append({"epoch": epoch, "train_loss": mean_loss, "lr": float(self.lr[self.step - 1])})
@@ -163,7 +168,8 @@ class MAERecipe:
         """The encoder as a plain timm state dict + its card (the teacher recipe's format)."""
         from safetensors.torch import save_model
 
-        save_model(self.model.backbone.model, str(self.out / WEIGHTS))
+        if dist.is_main():
+            save_model(self.model.backbone.model, str(self.out / WEIGHTS))
         self.out.write_json(CARD, {
             "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
             "method": "mae", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
@@ -178,7 +184,7 @@ def main(cfg: DictConfig) -> dict:
     metrics = {**recipe.evaluate(), "history": recipe.history}
     recipe.save(metrics)
     with recipe.profiler.phase("attention"):
-        metrics["attention_distance"] = write_attention_report(
+        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
             recipe.out, {"mae": recipe.model.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
     recipe.out.write_json("metrics.json", metrics)
     recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.model.backbone.spec.to_dict())

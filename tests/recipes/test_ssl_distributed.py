@@ -1,0 +1,32 @@
+"""+method=dino / +method=mae as 2 DDP processes under torchrun (gloo): the loss curve of one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMMON = ["preset=smoke", "method.epochs=3", "data.train_per_class=40",
+          "method.attention.images=2", "method.attention.distance_images=10", "progress=false", "device=cpu",
+          "checkpoint_every=0"]
+
+
+def _run(launcher, method, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*launcher, "-m", "fastdistill.run", f"+method={method}", *COMMON, f"out={out}"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [h["train_loss"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+
+
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, method):
+    one = _run([sys.executable], method, tmp_path / "one")
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], method,
+               tmp_path / "two")
+    assert len(one) == len(two) == 3
+    # the same global batches and weights; the crops (and MAE masks) of rank 1 are other draws
+    for a, b in zip(one, two):
+        assert abs(a - b) < 0.1 * abs(a), (one, two)
+    assert (two[-1] - two[0]) * (one[-1] - one[0]) > 0, f"the curves must move the same way: {one} vs {two}"
+    assert (tmp_path / "two" / "model.safetensors").is_file()
