@@ -1,10 +1,11 @@
 """The distributed module: sharding arithmetic, loader slices, and collectives in 2 spawned gloo processes."""
+import json
 import os
-import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.loaders import build_loader
@@ -52,46 +53,40 @@ def test_single_process_collectives_are_identities():
         dist.all_reduce(t, "prod")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = """
+import json, sys
+import torch
+from fastdistill.engine import distributed as dist
+
+dist.init(torch.device("cpu"))
+rank = dist.rank()
+out = {"rank": rank, "world": dist.world_size()}
+out["sum"] = dist.all_reduce(torch.tensor([float(rank + 1)])).item()
+out["mean"] = dist.all_reduce(torch.tensor([float(rank + 1)]), "mean").item()
+out["max"] = dist.all_reduce(torch.tensor([float(rank + 1)]), "max").item()
+out["bcast"] = dist.broadcast(torch.tensor([float(rank + 7)])).item()
+out["gather"] = dist.all_gather_object(rank * 10)
+dist.check_replicas(torch.ones(4), "ones")
+try:
+    dist.check_replicas(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([2.0, 1.0]), "images")
+    out["mismatch"] = None
+except RuntimeError as e:
+    out["mismatch"] = str(e)
+dist.cleanup()
+open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(out))
+"""
 
 
-def _worker(rank, world, port, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        dist.init(torch.device("cpu"))
-        out = {"rank": dist.rank(), "world": dist.world_size()}
-        out["sum"] = dist.all_reduce(torch.tensor([float(rank + 1)])).item()
-        out["mean"] = dist.all_reduce(torch.tensor([float(rank + 1)]), "mean").item()
-        out["max"] = dist.all_reduce(torch.tensor([float(rank + 1)]), "max").item()
-        out["bcast"] = dist.broadcast(torch.tensor([float(rank + 7)])).item()
-        out["gather"] = dist.all_gather_object(rank * 10)
-        dist.check_replicas(torch.ones(4), "ones")
-        try:
-            dist.check_replicas(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([2.0, 1.0]), "images")
-            out["mismatch"] = None
-        except RuntimeError as e:
-            out["mismatch"] = str(e)
-        queue.put(out)
-    finally:
-        dist.cleanup()
-
-
-def test_collectives_in_two_gloo_processes():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    outs = sorted((queue.get(timeout=120) for _ in procs), key=lambda o: o["rank"])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for o in outs:
-        assert o["world"] == 2 and o["sum"] == 3.0 and o["mean"] == 1.5 and o["max"] == 2.0 and o["bcast"] == 7.0
+def test_collectives_in_two_gloo_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        o = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert o["rank"] == rank and o["world"] == 2
+        assert o["sum"] == 3.0 and o["mean"] == 1.5 and o["max"] == 2.0 and o["bcast"] == 7.0
         assert o["gather"] == [0, 10]
-        assert "replicas of images differ" in o["mismatch"]  # same sum, different order: the second checksum
+        assert "replicas of images differ" in o["mismatch"]  # same sum, other order: the second checksum
