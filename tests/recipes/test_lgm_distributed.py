@@ -1,13 +1,12 @@
 """Data-parallel LGM: ``torchrun --nproc_per_node=2`` (gloo, CPU) gives the synthetic set of one process after a
 few steps with the same draws; ranks whose replicas diverge stop with a clear error (slow)."""
+import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastdistill.recipes.lgm import decode
 
@@ -53,42 +52,40 @@ def test_two_ranks_give_the_synthetic_set_of_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
-def _diverging_rank(rank: int, port: int, out: str, errors) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from fastdistill.engine import distributed as dist
-    from fastdistill.recipes.lgm import LGMRecipe
-    from fastdistill.run import compose
+DIVERGING_RANK = """
+import json, sys
+import torch
+from fastdistill.engine import distributed as dist
+from fastdistill.recipes.lgm import LGMRecipe
+from fastdistill.run import compose
 
-    dist.init(torch.device("cpu"))
-    try:
-        recipe = LGMRecipe(compose([*ARGS, f"out={out}", "method.iterations=2"]))
-        recipe.setup()
-        if rank == 1:  # a replica that went wrong
-            with torch.no_grad():
-                recipe.levels[0][0, 0] += 1e-3
-        recipe.train()
-        errors.put((rank, None))
-    except RuntimeError as e:
-        errors.put((rank, str(e)))
-    finally:
-        dist.cleanup()
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+dist.init(torch.device("cpu"))
+rank, error = dist.rank(), None
+try:
+    recipe = LGMRecipe(compose([*args, f"out={out}/run", "method.iterations=2"]))
+    recipe.setup()
+    if rank == 1:  # a replica that went wrong
+        with torch.no_grad():
+            recipe.levels[0][0, 0] += 1e-3
+    recipe.train()
+except RuntimeError as e:
+    error = str(e)
+finally:
+    dist.cleanup()
+open(f"{out}/rank{rank}.json", "w").write(json.dumps(error))
+"""
 
 
 @pytest.mark.slow  # two more processes; check_replicas itself is in tests/engine/test_distributed.py
 def test_diverged_replicas_stop_with_a_clear_error(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    procs = [ctx.Process(target=_diverging_rank, args=(r, port, str(tmp_path / "run"), errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    got = dict(errors.get(timeout=5) for _ in procs)
+    script = tmp_path / "diverging_rank.py"
+    script.write_text(DIVERGING_RANK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), json.dumps(ARGS), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
-        assert got[rank] is not None and got[rank].startswith(
-            "the replicas of the LGM synthetic parameters at step 1 differ across ranks"), f"rank {rank}: {got[rank]}"
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got is not None and got.startswith(
+            "the replicas of the LGM synthetic parameters at step 1 differ across ranks"), f"rank {rank}: {got}"
