@@ -193,19 +193,6 @@ class DINORecipe:
         ema_update(self.teacher, self.student, float(self.momentum[self.step]))
         return loss
 
-    def evaluate(self) -> dict:
-        """The probe on the teacher backbone and on the same ViT at its random initialisation (the student's
-        initial draw: same seed, same shape)."""
-        cfg, m = self.cfg, self.cfg.method
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(self.device)
-        with self.profiler.phase("evaluate", images=2 * (len(self.train_set) + len(self.test_set))):
-            acc = {name: probe_accuracy(net, self.train_set, self.test_set, m.probe, self.image_size, self.device,
-                                        self.precision, cfg.seed)
-                   for name, net in (("dino", self.teacher.backbone), ("random_init", random_init))}
-        return {"probe": acc, "probe_kind": m.probe.kind}
-
     def save_checkpoint(self, epoch: int) -> None:
         """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
         save_checkpoint(self.out.path, {
@@ -224,16 +211,39 @@ class DINORecipe:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.loss_sum = state["loss_sum"].to(self.device)
 
-    def save(self, metrics: dict) -> None:
-        """The teacher backbone as a plain timm state dict + its card (the teacher recipe's format)."""
-        from safetensors.torch import save_model
 
-        if dist.is_main():
-            save_model(self.teacher.backbone.model, str(self.out / WEIGHTS))
-        self.out.write_json(CARD, {
-            "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
-            "method": "dino", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
-            "image_size": list(self.image_size), "hash": self.hash, **metrics})
+def finish_ssl_run(recipe, name: str, backbone, title: str) -> dict:
+    """What a self-supervised teacher run ends with (DINO here, MAE too): the probe on ``backbone`` and on the same
+    ViT at its random initialisation (the run's initial draw: same seed, same shape), the backbone as a plain timm
+    state dict + card (the teacher recipe's format), attention overlays and distances, metrics, manifest, table."""
+    from safetensors.torch import save_model
+
+    cfg, m = recipe.cfg, recipe.cfg.method
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(recipe.device)
+    with recipe.profiler.phase("evaluate", images=2 * (len(recipe.train_set) + len(recipe.test_set))):
+        probe = {n: probe_accuracy(net, recipe.train_set, recipe.test_set, m.probe, recipe.image_size, recipe.device,
+                                   recipe.precision, cfg.seed)
+                 for n, net in ((name, backbone), ("random_init", random_init))}
+    metrics = {"probe": probe, "probe_kind": m.probe.kind, "history": recipe.history}
+    if dist.is_main():
+        save_model(backbone.model, str(recipe.out / WEIGHTS))
+    recipe.out.write_json(CARD, {
+        "model": cfg.model, "model_kwargs": OmegaConf.to_container(m.model_kwargs), "method": name,
+        "classes": recipe.train_set.classes, "dataset": cfg.data.name, "image_size": list(recipe.image_size),
+        "hash": recipe.hash, **metrics})
+    with recipe.profiler.phase("attention"):
+        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
+            recipe.out, {name: backbone}, recipe.test_set, m.attention, recipe.device)
+    recipe.out.write_json("metrics.json", metrics)
+    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=backbone.spec.to_dict())
+    recipe.out.write_json("profile.json", recipe.profiler.report())
+    console.print_results(f"{title} {cfg.model} on {cfg.data.name} ({m.probe.kind} probe, test split)",
+                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
+                          [[name, probe[name], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
+                            m.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
+    return metrics
 
 
 def main(cfg: DictConfig) -> dict:
@@ -241,17 +251,4 @@ def main(cfg: DictConfig) -> dict:
     recipe.out.write_config(cfg)
     recipe.setup()
     recipe.train()
-    metrics = {**recipe.evaluate(), "history": recipe.history}
-    recipe.save(metrics)
-    with recipe.profiler.phase("attention"):
-        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
-            recipe.out, {"dino": recipe.teacher.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
-    recipe.out.write_json("metrics.json", metrics)
-    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.teacher.backbone.spec.to_dict())
-    recipe.out.write_json("profile.json", recipe.profiler.report())
-    probe = metrics["probe"]
-    console.print_results(f"DINO {cfg.model} on {cfg.data.name} ({cfg.method.probe.kind} probe, test split)",
-                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
-                          [["dino", probe["dino"], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
-                            cfg.method.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
-    return metrics
+    return finish_ssl_run(recipe, "dino", recipe.teacher.backbone, "DINO")

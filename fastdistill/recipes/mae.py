@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fastdistill import console
 from fastdistill.artifacts import RunDir
@@ -27,14 +27,13 @@ from fastdistill.data.transforms import random_hflip, random_resized_crop, to_in
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.schedules import cosine_schedule
-from fastdistill.eval.attention import write_attention_report
-from fastdistill.eval.knn import check_probe, probe_accuracy
+from fastdistill.eval.knn import check_probe
 from fastdistill.losses.mae import mae_loss
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import MAEDecoder, MAEModel, check_vit, patchify, random_masking
 from fastdistill.profiling import Profiler
-from fastdistill.recipes.dino import param_groups
-from fastdistill.recipes.teacher import CARD, WEIGHTS, config_hash
+from fastdistill.recipes.dino import finish_ssl_run, param_groups
+from fastdistill.recipes.teacher import config_hash
 
 
 class MAERecipe:
@@ -137,18 +136,6 @@ class MAERecipe:
         self.precision.step(self.optimizer, m.clip_grad, self.model.parameters())
         return loss
 
-    def evaluate(self) -> dict:
-        """The probe on the trained encoder and on the same ViT at its random initialisation."""
-        cfg, m = self.cfg, self.cfg.method
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(self.device)
-        with self.profiler.phase("evaluate", images=2 * (len(self.train_set) + len(self.test_set))):
-            acc = {name: probe_accuracy(net, self.train_set, self.test_set, m.probe, self.image_size, self.device,
-                                        self.precision, cfg.seed)
-                   for name, net in (("mae", self.model.backbone), ("random_init", random_init))}
-        return {"probe": acc, "probe_kind": m.probe.kind}
-
     def save_checkpoint(self, epoch: int) -> None:
         """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
         save_checkpoint(self.out.path, {
@@ -164,34 +151,10 @@ class MAERecipe:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.loss_sum = state["loss_sum"].to(self.device)
 
-    def save(self, metrics: dict) -> None:
-        """The encoder as a plain timm state dict + its card (the teacher recipe's format)."""
-        from safetensors.torch import save_model
-
-        if dist.is_main():
-            save_model(self.model.backbone.model, str(self.out / WEIGHTS))
-        self.out.write_json(CARD, {
-            "model": self.cfg.model, "model_kwargs": OmegaConf.to_container(self.cfg.method.model_kwargs),
-            "method": "mae", "classes": self.train_set.classes, "dataset": self.cfg.data.name,
-            "image_size": list(self.image_size), "hash": self.hash, **metrics})
-
 
 def main(cfg: DictConfig) -> dict:
     recipe = MAERecipe(cfg)
     recipe.out.write_config(cfg)
     recipe.setup()
     recipe.train()
-    metrics = {**recipe.evaluate(), "history": recipe.history}
-    recipe.save(metrics)
-    with recipe.profiler.phase("attention"):
-        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
-            recipe.out, {"mae": recipe.model.backbone}, recipe.test_set, cfg.method.attention, recipe.device)
-    recipe.out.write_json("metrics.json", metrics)
-    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=recipe.model.backbone.spec.to_dict())
-    recipe.out.write_json("profile.json", recipe.profiler.report())
-    probe = metrics["probe"]
-    console.print_results(f"MAE {cfg.model} on {cfg.data.name} ({cfg.method.probe.kind} probe, test split)",
-                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
-                          [["mae", probe["mae"], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
-                            cfg.method.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
-    return metrics
+    return finish_ssl_run(recipe, "mae", recipe.model.backbone, "MAE")
