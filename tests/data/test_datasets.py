@@ -25,6 +25,21 @@ def test_mnist5k_fixed_split():
     assert train.images.float().mean() > 20, "real digits, not blank images"
 
 
+def test_mnist5k_image_size_resizes_once_at_load():
+    base = build_dataset(OmegaConf.create({"name": "mnist5k", "train_per_class": 400}))["train"]
+    big = build_dataset(OmegaConf.create({"name": "mnist5k", "train_per_class": 400, "image_size": 56}))["train"]
+    assert big.images.shape == (4000, 1, 56, 56) and big.images.dtype == torch.uint8
+    assert torch.equal(big.labels, base.labels)
+    # the same digits, twice the size: the mean intensity is kept and 2 x 2 pooling gives them back up to the
+    # blur of the two resamplings (about 6 grey levels; the next digit in the file is about 35 away)
+    assert abs(big.images.float().mean() - base.images.float().mean()) < 1
+    back = torch.nn.functional.avg_pool2d(big.images[:50].float(), 2)
+    assert (back - base.images[:50].float()).abs().mean() < 8
+    assert (back - base.images[1:51].float()).abs().mean() > 20
+    with pytest.raises(ValueError, match="data.image_size must be >= 8"):
+        build_dataset(OmegaConf.create({"name": "mnist5k", "image_size": 4}))
+
+
 def _write_folder(root, classes=("cat", "dog"), n=5, size=(12, 10)):
     rng = np.random.default_rng(0)
     for c in classes:

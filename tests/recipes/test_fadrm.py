@@ -102,3 +102,16 @@ def test_patch_selection_keeps_one_crop_per_source_image(tmp_path):
     with pytest.raises(ValueError, match="candidate images for 12 patches"):
         FADRMRecipe(_cfg(tmp_path, "few", "ipc=3", "method.patches_per_side=2",
                          "method.candidates_per_class=5")).setup()
+
+
+def test_whole_image_candidates_are_the_real_images(tmp_path):
+    # scale [1, 1] and ratio [1, 1]: every candidate is its real image, untouched (no zoom, no stretch)
+    recipe = FADRMRecipe(_cfg(tmp_path, "whole", "ipc=2", "method.candidates_per_class=2", "method.crops_per_image=1",
+                              "method.candidate_scale=[1,1]", "method.candidate_ratio=[1,1]"))
+    recipe.setup()
+    from fastdistill.data.transforms import to_input
+
+    real = to_input(recipe.train_set.load_all(), recipe.image_size, recipe.channels)
+    nearest = torch.cdist(recipe.patches.flatten(1), real.flatten(1)).min(1).values
+    # (grid_sample of the identity window is exact up to float rounding; another digit is > 3 away)
+    assert nearest.max() < 0.02, f"a whole-image candidate differs from every real image by {nearest.max():.3g}"
