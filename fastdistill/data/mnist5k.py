@@ -8,11 +8,11 @@ patches keeps each digit at its native 28 px.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.registry import register_dataset
+from fastdistill.data.transforms import to_input
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -35,8 +35,7 @@ def build_mnist5k(cfg: DictConfig) -> dict[str, ImageDataset]:
     if size < 8:
         raise ValueError(f"data.image_size must be >= 8 px, got {size}")
     if size != 28:
-        x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        images = x.round().clamp(0, 255).to(torch.uint8)
+        images = to_input(images.float(), (size, size), 1).round().clamp(0, 255).to(torch.uint8)
     train_per_class = int(cfg.get("train_per_class", 400))
     train, test = [], []
     for c in range(len(CLASSES)):
