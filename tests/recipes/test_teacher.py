@@ -30,7 +30,6 @@ def test_teacher_learns_and_writes_artifacts(tmp_path):
     assert manifest["seed"] == 0 and manifest["config"]["model"] == "timm:resnet18" and "torch" in manifest["versions"]
 
 
-@pytest.mark.slow  # bit-identity fails on this machine since session 4, as the fadrm distributed tests (cause not found)
 def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     _, full = _run(tmp_path, "full", "method.cache=false")
 
