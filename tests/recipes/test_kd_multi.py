@@ -1,6 +1,7 @@
 """+method=kd_multi end to end on the embedded data with 1-block ViTs: artifacts, loss terms, teacher adaptation,
 fused vs eager attention KL, resume, cached teacher training, bad input."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,31 @@ def test_kd_multi_end_to_end_writes_metrics_and_every_loss_term(tmp_path, traine
     assert saved["teachers"]["cl"]["pretrained_card_acc"] is not None
     profile = json.loads((out / "profile.json").read_text())
     assert profile["phases"]["baseline"]["images"] == profile["phases"]["kd"]["images"] == 200
+
+
+def test_dino_and_mae_teachers_are_trained_and_loaded(tmp_path):
+    """The published pairing through kd_multi's cache: CL from +method=dino, MIM from +method=mae (1-block ViTs,
+    one epoch on 200 digits); each KD teacher starts from the backbone its SSL run saved."""
+    from safetensors.torch import load_file
+
+    ssl = "{img_size: 28, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3, dynamic_img_size: true}"
+    cfg = compose([*SMALL, "data.train_per_class=20", f"out={tmp_path / 'kd'}",
+                   "method.teachers.cl.weights=trained", "method.teachers.cl.recipe=dino",
+                   f"++method.teachers.cl.model_kwargs={ssl}", "method.teachers.cl.overrides=['method.crops.num_local=1']",
+                   "method.teachers.mim.weights=trained", "method.teachers.mim.recipe=mae",
+                   f"++method.teachers.mim.model_kwargs={ssl}", "method.teachers.mim.overrides=[]"])
+    recipe = kd_multi.KDMultiRecipe(cfg)
+    recipe.setup()
+    for role, name in (("cl", "dino"), ("mim", "mae")):
+        info = recipe.teacher_info[role]
+        folder = Path(info["source"]).parent
+        assert info["recipe"] == name and folder.parent.name == name and (folder / CARD).is_file()
+        saved = load_file(str(folder / "model.safetensors"))
+        mine = {k: v for k, v in recipe.teachers[role].state_dict().items()}
+        shared = [k for k in saved if k.startswith("blocks.")]
+        assert shared, f"{name}: no transformer blocks in {sorted(saved)[:5]}"
+        for k in shared:
+            assert any(torch.equal(saved[k], v) for mk, v in mine.items() if mk.endswith(k)), f"{name}: {k} not loaded"
 
 
 def _recipe(tmp_path, *extra):
