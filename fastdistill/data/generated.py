@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fastdistill.data.dataset import read_image
 from fastdistill.data.transforms import to_input

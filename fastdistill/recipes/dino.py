@@ -33,6 +33,7 @@ from fastdistill.data.multicrop import MultiCrop
 from fastdistill.data.transforms import to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.epochs import train_epochs
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.attention import write_attention_report
 from fastdistill.eval.knn import check_probe, probe_accuracy
@@ -143,33 +144,11 @@ class DINORecipe:
             self.load_checkpoint()
 
     def train(self) -> None:
-        m = self.cfg.method
-        every = self.cfg.checkpoint_every
-        with console.progress(self.cfg.progress) as bar, self.profiler.phase("train"):
-            task = bar.add_task(f"dino {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
-            for epoch in range(self.epoch, m.epochs):
-                start = self.step - epoch * self.steps_per_epoch
-                if start == 0:
-                    self.loss_sum = torch.zeros((), device=self.device)
-                for x, _ in self.loader.epoch(epoch, start=start):  # labels are never used
-                    loss = self.train_step(x, epoch)
-                    self.loss_sum += loss.detach()
-                    self.profiler.add_images("train", x.shape[0])
-                    self.step += 1
-                    bar.update(task, advance=1)
-                    if every and self.step % every == 0:
-                        self.save_checkpoint(epoch)
-                # .item() syncs with the device: once per epoch
-                mean_loss = dist.all_reduce(self.loss_sum.clone(), "mean").item() / self.steps_per_epoch
-                if not torch.isfinite(torch.tensor(mean_loss)):
-                    raise FloatingPointError(f"non-finite DINO loss at epoch {epoch}, step {self.step}")
-                self.history.append({"epoch": epoch, "train_loss": mean_loss,
-                                     "teacher_temp": self.loss_fn.teacher_temp_at(epoch),
-                                     "lr": float(self.lr[self.step - 1]),
-                                     "momentum": float(self.momentum[self.step - 1])})
-                bar.update(task, info=f"loss {mean_loss:.3f}")
-                self.epoch = epoch + 1
-                self.save_checkpoint(self.epoch)
+        # labels are never used; the history also logs the schedules at the epoch's last step
+        train_epochs(self, "dino", lambda x, y, epoch: self.train_step(x, epoch), "DINO loss",
+                     lambda epoch: {"teacher_temp": self.loss_fn.teacher_temp_at(epoch),
+                                    "lr": float(self.lr[self.step - 1]),
+                                    "momentum": float(self.momentum[self.step - 1])})
 
     def train_step(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
         m = self.cfg.method

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import random_resized_crop, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards

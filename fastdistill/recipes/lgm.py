@@ -252,7 +252,7 @@ class LGMRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg, m = self.cfg, self.cfg.method
+        cfg = self.cfg
         seed_everything(cfg.seed)
         self.profiler = Profiler(self.device)
         splits = build_dataset(cfg.data)

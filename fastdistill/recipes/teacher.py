@@ -30,6 +30,7 @@ from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.epochs import train_epochs
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
 from fastdistill.models import Backbone, create_backbone
@@ -136,30 +137,7 @@ class TeacherRecipe:
             self.load_checkpoint()
 
     def train(self) -> None:
-        m = self.cfg.method
-        every = self.cfg.checkpoint_every
-        with console.progress(self.cfg.progress) as bar, self.profiler.phase("train"):
-            task = bar.add_task(f"teacher {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
-            for epoch in range(self.epoch, m.epochs):
-                start = self.step - epoch * self.steps_per_epoch
-                if start == 0:
-                    self.loss_sum = torch.zeros((), device=self.device)
-                for x, y in self.loader.epoch(epoch, start=start):
-                    loss = self.train_step(x, y)
-                    self.loss_sum += loss.detach()
-                    self.profiler.add_images("train", y.numel())
-                    self.step += 1
-                    bar.update(task, advance=1)
-                    if every and self.step % every == 0:
-                        self.save_checkpoint(epoch, completed=False)
-                # .item() syncs with the device: once per epoch
-                mean_loss = dist.all_reduce(self.loss_sum.clone(), "mean").item() / self.steps_per_epoch
-                if not torch.isfinite(torch.tensor(mean_loss)):
-                    raise FloatingPointError(f"non-finite cross-entropy at epoch {epoch}, step {self.step}")
-                self.history.append({"epoch": epoch, "train_loss": mean_loss})
-                bar.update(task, info=f"loss {mean_loss:.3f}")
-                self.epoch = epoch + 1
-                self.save_checkpoint(self.epoch, completed=True)
+        train_epochs(self, "teacher", lambda x, y, epoch: self.train_step(x, y), "cross-entropy")
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method
@@ -184,8 +162,8 @@ class TeacherRecipe:
                            self.cfg.method.eval_batch_size)
         return {"test_acc": acc}
 
-    def save_checkpoint(self, epoch: int, completed: bool) -> None:
-        """``epoch`` is the next epoch to run when ``completed``, else the one in progress."""
+    def save_checkpoint(self, epoch: int) -> None:
+        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
         save_checkpoint(self.out.path, {
             "model": self.model.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
