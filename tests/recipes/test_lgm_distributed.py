@@ -1,5 +1,6 @@
 """Data-parallel LGM: ``torchrun --nproc_per_node=2`` (gloo, CPU) gives the synthetic set of one process after a
-few steps with the same draws; ranks whose replicas diverge stop with a clear error (slow)."""
+few steps with the same draws, also when the ranks were killed and resumed; ranks whose replicas diverge stop
+with a clear error (slow)."""
 import json
 import os
 import subprocess
@@ -50,6 +51,59 @@ def test_two_ranks_give_the_synthetic_set_of_one_process(tmp_path):
     losses = [[h["loss"] for h in _state(tmp_path / run)["history"]] for run in ("two", "one")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), msg="loss history, 2 ranks vs 1")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+KILLED_RANK = """
+import json, sys
+import torch
+from fastdistill.engine import distributed as dist
+from fastdistill.recipes.lgm import LGMRecipe
+from fastdistill.run import compose
+
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+dist.init(torch.device("cpu"))
+recipe = LGMRecipe(compose(args + [f"out={out}"]))
+recipe.setup()
+save = recipe.save_checkpoint
+
+
+def save_then_die():  # every rank is killed right after the first checkpoint (step 3: mid-level, Adam state in use)
+    save()
+    raise KeyboardInterrupt
+
+
+recipe.save_checkpoint = save_then_die
+try:
+    recipe.train()
+except KeyboardInterrupt:
+    pass
+finally:
+    dist.cleanup()
+"""
+
+
+def test_killed_ranks_resume_to_the_one_process_set(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    longer = [*ARGS, "method.iterations=5"]
+    one = subprocess.run([sys.executable, "-m", "fastdistill.run", *longer, f"out={tmp_path / 'one'}"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    script, out = tmp_path / "killed_rank.py", tmp_path / "killed"
+    script.write_text(KILLED_RANK)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    killed = subprocess.run([*torchrun, str(script), json.dumps([*longer, "checkpoint_every=3"]), str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert _state(out)["step"] == 3 and not (out / "metrics.json").exists(), "killed after step 3"
+    resumed = subprocess.run([*torchrun, "-m", "fastdistill.run", *longer, "checkpoint_every=3", "resume=true",
+                              f"out={out}"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _state(out)["step"] == 5 and len(_levels(out)) == len(_levels(tmp_path / "one")) == 3, \
+        "resumed to the end, the pyramid grown at steps 2 and 4"
+    for k, (a, b) in enumerate(zip(_levels(out), _levels(tmp_path / "one"))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"pyramid level {k}, resumed vs 1: {m}")
+    losses = [[h["loss"] for h in _state(run)["history"]] for run in (out, tmp_path / "one")]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), msg="loss history, resumed vs 1")
 
 
 DIVERGING_RANK = """
