@@ -23,7 +23,7 @@ from fastdistill.data.transforms import random_hflip, random_resized_crop, to_in
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
-from fastdistill.models import Backbone, create_backbone, parse_backbone_id
+from fastdistill.models import Backbone, parse_backbone_id
 
 
 @dataclass
@@ -65,14 +65,9 @@ def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]
     from fastdistill.recipes import teacher as teacher_recipe
 
     e = cfg.eval
-    if e.pretrained == "trained":  # the evaluator has its own teacher preset
-        model, card = teacher_recipe.trained_teacher(e.backbone, cfg, e.teacher_preset, classes)
-    else:
-        with torch.random.fork_rng(devices=[]):  # a random-init evaluator is the same for every run of one seed
-            torch.manual_seed(cfg.seed)
-            model = create_backbone(e.backbone, pretrained=e.pretrained).freeze()
-        card = {"model": e.backbone, "weights": e.pretrained}
-    return model, card
+    with torch.random.fork_rng(devices=[]):  # a random-init evaluator is the same for every run of one seed
+        torch.manual_seed(cfg.seed)
+        return teacher_recipe.frozen_backbone(e.backbone, e.pretrained, cfg, e.teacher_preset, classes)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.student import StudentConfig, teacher_logits, train_student
 from fastdistill.kernels.bn_stats import arc_update
-from fastdistill.models import Backbone, create_backbone
+from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
 from fastdistill.profiling import Profiler
 
@@ -132,16 +132,9 @@ class FADRMRecipe:
 
         m = self.cfg.method
         weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
-        teachers, cards = [], []
-        for name, w in zip(m.teachers, weights):
-            if w == "trained":
-                model, card = teacher_recipe.trained_teacher(name, self.cfg, m.teacher_preset, self.classes)
-            else:
-                model = create_backbone(name, pretrained=w, num_classes=self.num_classes).freeze()
-                card = {"model": name, "weights": w, "classes": None}
-            teachers.append(model)
-            cards.append(card)
-        return teachers, cards
+        loaded = [teacher_recipe.frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes,
+                                                 num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
+        return [net for net, _ in loaded], [card for _, card in loaded]
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

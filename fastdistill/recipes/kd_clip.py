@@ -159,14 +159,11 @@ class KDClipRecipe:
         return ImageDataset(labels=labels, classes=self.classes, images=real, name="kd"), source
 
     def load_teacher(self) -> tuple[Backbone, dict]:
-        m = self.cfg.method
-        if m.teacher_weights == "trained":
-            from fastdistill.recipes import teacher as teacher_recipe
+        from fastdistill.recipes.teacher import frozen_backbone
 
-            net, card = teacher_recipe.trained_teacher(m.teacher, self.cfg, m.teacher_preset, self.classes)
-        else:
-            net = create_backbone(m.teacher, pretrained=m.teacher_weights, **m.teacher_kwargs).freeze()
-            card = {"model": m.teacher, "weights": m.teacher_weights}
+        m = self.cfg.method
+        net, card = frozen_backbone(m.teacher, m.teacher_weights, self.cfg, m.teacher_preset, self.classes,
+                                    **m.teacher_kwargs)
         return net.to(self.device), card
 
     def text_classifier(self) -> tuple[torch.Tensor | None, float]:

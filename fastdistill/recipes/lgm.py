@@ -46,7 +46,7 @@ from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import grad_cosine_loss, linear_head_grad
 from fastdistill.losses.grad_cosine import grad_cosine_adjoint, grad_cosine_feature_grad, linear_head_grad_sums
-from fastdistill.models import Backbone, create_backbone, parse_backbone_id
+from fastdistill.models import Backbone, parse_backbone_id
 from fastdistill.profiling import Profiler
 
 PARAMETRIZATIONS = ("pyramid", "pixels")
@@ -302,12 +302,8 @@ class LGMRecipe:
 
         backbones, cards = [], []
         for name, w, kwargs in zip(self.cfg.method.backbones, self.pretrained, self.backbone_kwargs):
-            if w == "trained":
-                model, card = teacher_recipe.trained_teacher(name, self.cfg, self.cfg.method.teacher_preset,
-                                                             self.classes)
-            else:
-                model = create_backbone(name, pretrained=w, **kwargs).freeze()
-                card = {"model": name, "weights": w}
+            model, card = teacher_recipe.frozen_backbone(name, w, self.cfg, self.cfg.method.teacher_preset,
+                                                         self.classes, **kwargs)
             backbones.append(model)
             cards.append({**card, "feature_dim": model.spec.feature_dim})
         return backbones, cards

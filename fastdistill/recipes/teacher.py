@@ -78,6 +78,17 @@ def trained_teacher(model: str, cfg: DictConfig, preset: str, classes: list[str]
     return net, {k: v for k, v in card.items() if k != "history"}
 
 
+def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, classes: list[str],
+                    **kwargs) -> tuple[Backbone, dict]:
+    """A frozen backbone for another recipe (teacher, LGM backbone, probe evaluator) and its card:
+    ``weights=trained`` trains ``model`` on the run's data with this recipe's ``preset`` (cached, class order
+    checked); anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``."""
+    if weights == "trained":
+        return trained_teacher(model, cfg, preset, classes)
+    net = create_backbone(model, pretrained=weights, **kwargs).freeze()
+    return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
+
+
 def load_teacher(folder: str | Path) -> tuple[Backbone, dict]:
     """A trained teacher from its folder (``model.safetensors`` + ``teacher.json``), frozen, on CPU."""
     folder = Path(folder)
