@@ -65,7 +65,9 @@ def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]
     from fastdistill.recipes import teacher as teacher_recipe
 
     e = cfg.eval
-    with torch.random.fork_rng(devices=[]):  # a random-init evaluator is the same for every run of one seed
+    # a random-init evaluator is the same for every run of one seed, and training one (trained, not yet cached)
+    # leaves the caller's RNG stream as a cached one would
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return teacher_recipe.frozen_backbone(e.backbone, e.pretrained, cfg, e.teacher_preset, classes)
 

@@ -88,7 +88,7 @@ def test_dino_and_mae_teachers_are_trained_and_loaded(tmp_path):
         folder = Path(info["source"]).parent
         assert info["recipe"] == name and folder.parent.name == name and (folder / CARD).is_file()
         saved = load_file(str(folder / "model.safetensors"))
-        mine = {k: v for k, v in recipe.teachers[role].state_dict().items()}
+        mine = recipe.teachers[role].state_dict()
         shared = [k for k in saved if k.startswith("blocks.")]
         assert shared, f"{name}: no transformer blocks in {sorted(saved)[:5]}"
         for k in shared:
