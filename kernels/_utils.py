@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -34,6 +35,62 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
             "kernels=triton needs triton and a CUDA device, or TRITON_INTERPRET=1 set before importing triton on CPU"
         )
     return True
+
+
+def kernel_dtypes() -> dict:
+    """torch dtype -> Triton dtype of the tensors every kernel takes (float64 and integers go to the reference)."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def dot_settings(dtype: torch.dtype) -> dict:
+    """``tl.dot`` operand dtype and precision for inputs of ``dtype`` (operands in the input dtype, fp32 sums).
+
+    fp32 follows torch's matmul setting: "high"/"medium" allow TF32, as in eager. "highest" (torch's default)
+    asks for fp32 accuracy, which the kernels get from three TF32 products (tf32x3, about 1e-6 relative): the
+    plain fp32 ("ieee") dot runs on the FMA units without the tensor cores and spills registers at 64-wide
+    tiles (4-28 KB per thread in the sm_90 compile), and ran 5-30x slower than eager on an H200.
+    """
+    import triton.language as tl
+
+    precision = "tf32"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        precision = "tf32x3"
+    dot_dtype = kernel_dtypes()[dtype]
+    # the interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584): fp32 there
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        dot_dtype = tl.float32
+    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": precision}
+
+
+def dispatch(name: str, backend: str, tensors, unsupported: str | None = None) -> bool:
+    """True to run the Triton kernel ``name``, False for the torch path.
+
+    ``unsupported`` is the kernel's reason it cannot take these inputs (a dtype, a size over its cap), or None.
+    ``auto`` then falls back to torch with one warning per reason; ``triton`` raises it as a ValueError.
+    """
+    if not use_triton(backend, *tensors):
+        return False
+    if unsupported is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"{name}: {unsupported}; use backend='torch' or 'auto'")
+    _warn_fallback(name, unsupported)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, reason: str) -> None:
+    warnings.warn(f"{name}: {reason}; running the PyTorch path instead of the Triton kernel", stacklevel=4)
+
+
+def dtype_reason(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The unsupported-dtype reason of :func:`dispatch` for these named tensors, or None."""
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the Triton kernel takes float32, float16 or bfloat16 {name}, got {t.dtype}"
+    return None
 
 
 def calculate_settings(n: int, cap: int = MAX_BLOCK) -> tuple[int, int]:

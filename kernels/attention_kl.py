@@ -20,24 +20,23 @@ rows, each recomputed in the backward (``torch.utils.checkpoint``), so autograd 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-from fastdistill.kernels._utils import use_triton
+from fastdistill.kernels._utils import dispatch, dot_settings, dtype_reason
 from fastdistill.losses import attention_kl as _reference
 
 # Query and key tile edges (tl.dot needs >= 16). 64 x 64 fp32 score tiles for two sides fit the registers of one
 # program with head dims up to 128; the tests lower them to 16 so the interpreter crosses several masked blocks.
 _BLOCK_M = 64
 _BLOCK_N = 64
-_MAX_HEAD_DIM = 256
+# Head dims 129-256 need 262-410 KB of shared memory for the pipelined key tiles of both sides at these tiles (sm_90
+# allows 227 KB per block); every ViT of the methods has 64. Above the cap the blockwise torch form runs.
+_MAX_HEAD_DIM = 128
 # rows of (rows, L) scores per block of the torch form: 64 x 1025 x 4 B x 2 sides x B H = 0.5 MiB per (image, head)
 _TORCH_BLOCK = 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -143,6 +142,7 @@ def _attention_kl_bwd_dq_kernel(
     lse_t_ptr,
     lse_s_ptr,
     dq_ptr,
+    go_ptr,
     n_tokens,
     dim_t,
     dim_s,
@@ -156,7 +156,10 @@ def _attention_kl_bwd_dq_kernel(
     BLOCK_DT: tl.constexpr,
     BLOCK_DS: tl.constexpr,
 ):
-    """dQ_s = coef scale_s (A_s - A_t) K_s for BLOCK_M query rows of one head pair, summing over key blocks."""
+    """dQ_s = g coef scale_s (A_s - A_t) K_s for BLOCK_M query rows of one head pair, summing over key blocks;
+    g = grad_output, read from ``go_ptr`` and applied in fp32 before the rounding to the student's dtype (at
+    published sizes the unscaled entries lie below fp16's smallest normal number: only a GradScaler's scale keeps
+    them)."""
     pid_m = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     qt_ptr += head * n_tokens * dim_t
@@ -178,7 +181,7 @@ def _attention_kl_bwd_dq_kernel(
         # dS stays fp32 in the dot: its entries are differences of probabilities, which half precision would round
         acc = tl.dot(ds, k_s.to(tl.float32), acc, input_precision=DOT_PRECISION)
     tl.store(dq_ptr + head * n_tokens * dim_s + rows[:, None] * dim_s + dims[None, :],
-             (acc * (coef * scale_s)).to(dq_ptr.dtype.element_ty),
+             (acc * (coef * scale_s * tl.load(go_ptr))).to(dq_ptr.dtype.element_ty),
              mask=(rows < n_tokens)[:, None] & dim_mask[None, :])
 
 
@@ -191,6 +194,7 @@ def _attention_kl_bwd_dk_kernel(
     lse_t_ptr,
     lse_s_ptr,
     dk_ptr,
+    go_ptr,
     n_tokens,
     dim_t,
     dim_s,
@@ -204,8 +208,8 @@ def _attention_kl_bwd_dk_kernel(
     BLOCK_DT: tl.constexpr,
     BLOCK_DS: tl.constexpr,
 ):
-    """dK_s = coef scale_s (A_s - A_t)^T Q_s for BLOCK_N keys of one head pair, summing over query blocks (each
-    program owns its keys: no atomics)."""
+    """dK_s = g coef scale_s (A_s - A_t)^T Q_s for BLOCK_N keys of one head pair, summing over query blocks (each
+    program owns its keys: no atomics); g as in the dQ kernel."""
     pid_n = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     qt_ptr += head * n_tokens * dim_t
@@ -226,31 +230,12 @@ def _attention_kl_bwd_dk_kernel(
                          head, rows, cols, n_tokens, scale_t, scale_s, DOT_DTYPE, DOT_PRECISION)
         acc = tl.dot(tl.trans(ds), q_s.to(tl.float32), acc, input_precision=DOT_PRECISION)
     tl.store(dk_ptr + head * n_tokens * dim_s + cols[:, None] * dim_s + dims[None, :],
-             (acc * (coef * scale_s)).to(dk_ptr.dtype.element_ty),
+             (acc * (coef * scale_s * tl.load(go_ptr))).to(dk_ptr.dtype.element_ty),
              mask=(cols < n_tokens)[:, None] & dim_mask[None, :])
 
 
-def _dot_settings(dtype: torch.dtype) -> dict:
-    """tl.dot operand dtype and precision: operands in the input dtype, fp32 sums."""
-    # fp32 follows torch's matmul setting ("highest", torch's default, means no TF32), so the kernel is as exact
-    # as the eager path it replaces
-    precision = "tf32"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
-    dot_dtype = _TL_DTYPES[dtype]
-    # the interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584): fp32 there
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        dot_dtype = tl.float32
-    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": precision}
-
-
 def _launch_settings(n_tokens: int, dim_t: int, dim_s: int) -> dict:
-    blocks = {}
-    for name, d in (("BLOCK_DT", dim_t), ("BLOCK_DS", dim_s)):
-        if d > _MAX_HEAD_DIM:
-            raise ValueError(f"attention_kl: head dim {d} exceeds the kernel's cap of {_MAX_HEAD_DIM}; "
-                             f"use backend='torch'")
-        blocks[name] = max(16, triton.next_power_of_2(d))
+    blocks = {name: max(16, triton.next_power_of_2(d)) for name, d in (("BLOCK_DT", dim_t), ("BLOCK_DS", dim_s))}
     tile = max(16, min(triton.next_power_of_2(n_tokens), _BLOCK_M)), max(16, min(triton.next_power_of_2(n_tokens),
                                                                                   _BLOCK_N))
     num_warps = 8 if max(blocks.values()) >= 128 else 4
@@ -266,27 +251,29 @@ def attention_kl_fwd(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float):
     grid = (triton.cdiv(n_tokens, settings["BLOCK_M"]), b * h)
     # scales pinned to python floats (fp32 in the kernel); the dot inputs keep the input dtype
     _attention_kl_fwd_kernel[grid](q_t, k_t, q_s, k_s, kl, lse_t, lse_s, n_tokens, dim_t, dim_s, float(scale_t),
-                                   float(scale_s), **_dot_settings(q_s.dtype), **settings)
+                                   float(scale_s), **dot_settings(q_s.dtype), **settings)
     return kl, lse_t, lse_s
 
 
-def attention_kl_bwd(q_t, k_t, q_s, k_s, lse_t, lse_s, scale_t: float, scale_s: float, need_q: bool = True,
-                     need_k: bool = True):
-    """dL/dQ_s and dL/dK_s of the mean row KL (grad_output 1), in the student's dtype; None where not needed."""
+def attention_kl_bwd(q_t, k_t, q_s, k_s, lse_t, lse_s, scale_t: float, scale_s: float, grad_output: torch.Tensor,
+                     need_q: bool = True, need_k: bool = True):
+    """dL/dQ_s and dL/dK_s of ``grad_output`` (a 0-dim tensor) times the mean row KL, in the student's dtype; None
+    where not needed."""
     b, h, n_tokens, dim_t = q_t.shape
     dim_s = q_s.shape[-1]
     settings = _launch_settings(n_tokens, dim_t, dim_s)
     args = (q_t, k_t, q_s, k_s, lse_t, lse_s)
+    go = grad_output.detach().reshape(()).to(torch.float32).contiguous()
     scalars = (n_tokens, dim_t, dim_s, float(scale_t), float(scale_s), 1.0 / (b * h * n_tokens))
     dq = dk = None
     if need_q:
         dq = torch.empty_like(q_s)
         _attention_kl_bwd_dq_kernel[(triton.cdiv(n_tokens, settings["BLOCK_M"]), b * h)](
-            *args, dq, *scalars, **_dot_settings(q_s.dtype), **settings)
+            *args, dq, go, *scalars, **dot_settings(q_s.dtype), **settings)
     if need_k:
         dk = torch.empty_like(k_s)
         _attention_kl_bwd_dk_kernel[(triton.cdiv(n_tokens, settings["BLOCK_N"]), b * h)](
-            *args, dk, *scalars, **_dot_settings(q_s.dtype), **settings)
+            *args, dk, go, *scalars, **dot_settings(q_s.dtype), **settings)
     return dq, dk
 
 
@@ -296,7 +283,8 @@ class AttentionKLFunction(torch.autograd.Function):
         forward   KL_q = sum_k A_t (S_t - S_s) - lse_t + lse_s with online lse over key blocks
         backward  dS = g (A_s - A_t) / (B H L),  dQ_s = scale_s dS K_s,  dK_s = scale_s dS^T Q_s
 
-    Saves the four inputs and two fp32 lse rows (8 bytes per row), never an L x L map. The teacher's Q_t, K_t
+    Saves the four inputs and two fp32 lse rows (8 bytes per row), never an L x L map. g multiplies the fp32
+    accumulators inside the kernels, before the rounding to the input dtype. The teacher's Q_t, K_t
     get no gradient (constants of the loss).
     """
 
@@ -311,11 +299,8 @@ class AttentionKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         q_t, k_t, q_s, k_s, lse_t, lse_s = ctx.saved_tensors
-        dq, dk = attention_kl_bwd(q_t, k_t, q_s, k_s, lse_t, lse_s, *ctx.scales, need_q=ctx.needs_input_grad[2],
-                                  need_k=ctx.needs_input_grad[3])
-        # a 0-dim fp32 grad_output does not promote half-precision gradients: they stay in the input dtype
-        dq = None if dq is None else dq * grad_output
-        dk = None if dk is None else dk * grad_output
+        dq, dk = attention_kl_bwd(q_t, k_t, q_s, k_s, lse_t, lse_s, *ctx.scales, grad_output,
+                                  need_q=ctx.needs_input_grad[2], need_k=ctx.needs_input_grad[3])
         return None, None, dq, dk, None, None
 
 
@@ -359,18 +344,19 @@ def attention_kl(
         Scalar fp32 loss; gradients reach ``q_s`` and ``k_s`` in their dtype.
 
     Raises:
-        ValueError: shapes, dtypes or devices disagree, a head dim above 256 on the Triton path, or an unknown
-            backend.
+        ValueError: shapes, dtypes or devices disagree, an unknown backend, or under ``triton`` inputs the kernel
+            cannot take (float64, a head dim above 128), which ``auto`` sends to the blockwise torch form with one
+            warning.
     """
     _reference.check_attention_kl_inputs(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else float(scale_t)
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else float(scale_s)
-    if not use_triton(backend, q_t, k_t, q_s, k_s):
+    reason = dtype_reason({"q_t": q_t, "k_t": k_t, "q_s": q_s, "k_s": k_s})
+    head_dim = max(q_t.shape[-1], q_s.shape[-1])
+    if reason is None and head_dim > _MAX_HEAD_DIM:
+        reason = f"head dim {head_dim} exceeds the kernel's cap of {_MAX_HEAD_DIM}"
+    if not dispatch("attention_kl", backend, (q_t, k_t, q_s, k_s), reason):
         return attention_kl_blockwise(q_t, k_t, q_s, k_s, scale_t, scale_s)
-    for name, t in (("q_t", q_t), ("k_t", k_t), ("q_s", q_s), ("k_s", k_s)):
-        if t.dtype not in _TL_DTYPES:
-            raise ValueError(f"attention_kl: the Triton kernel takes float32, float16 or bfloat16 {name}, got "
-                             f"{t.dtype}; use backend='torch'")
     if q_t.dtype != q_s.dtype:
         # one dot dtype per launch: the teacher's tokens follow the student's
         q_t, k_t = q_t.to(q_s.dtype), k_t.to(q_s.dtype)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastdistill.kernels._utils import calculate_settings, use_triton
+from fastdistill.kernels._utils import MAX_BLOCK, calculate_settings, dispatch, dtype_reason
 from fastdistill.losses.bn_stats import _check_arc_input, _check_bn_input
 from fastdistill.losses.bn_stats import arc_update as _arc_update_reference
 
@@ -342,11 +342,15 @@ def bn_stats_loss(
         Scalar fp32 loss; the gradient wrt x comes back in x's dtype and layout.
 
     Raises:
-        ValueError: bad shapes or an unknown backend. ModuleNotFoundError: ``triton`` forced without a CUDA
-            device or ``TRITON_INTERPRET=1``.
+        ValueError: bad shapes, an unknown backend, or under ``triton`` inputs the kernel cannot take (float64,
+            more than 16,384 channels), which ``auto`` sends to the torch path with one warning.
+        ModuleNotFoundError: ``triton`` forced without a CUDA device or ``TRITON_INTERPRET=1``.
     """
     _check_bn_input(x, running_mean, running_var)
-    if use_triton(backend, x):
+    reason = dtype_reason({"x": x})
+    if reason is None and x.shape[1] > MAX_BLOCK:
+        reason = f"{x.shape[1]} channels exceed the finalize kernel's cap of {MAX_BLOCK}"
+    if dispatch("bn_stats", backend, (x,), reason):
         return BNStatsFunction.apply(x, running_mean, running_var)
     return BNStatsTorchFunction.apply(x, running_mean, running_var)
 
@@ -393,6 +397,6 @@ def arc_update(
     :func:`bn_stats_loss`; the torch path is the reference.
     """
     _check_arc_input(x, patches, lo, hi)
-    if use_triton(backend, x, patches):
+    if dispatch("arc_update", backend, (x, patches), dtype_reason({"x": x, "patches": patches})):
         return arc_update_fwd(x, patches, alpha, lo, hi, out)
     return _arc_update_reference(x, patches, alpha, lo, hi, out=out)

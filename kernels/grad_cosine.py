@@ -3,14 +3,15 @@
 Same maths and signature as ``fastdistill/losses/grad_cosine.py`` (the reference), plus ``backend``. Per backbone the
 forward launches seven small kernels (five @triton.jit functions) and keeps only two N x C and one C x D fp32
 intermediates (2 MiB and 6 MiB at the published N 512, C 1000, D 1536), never P itself; the N x D feature gradient
-is written in the forward, since the loss is terminal, and the backward only scales it by ``grad_output``:
+is written in the forward (fp32), since the loss is terminal, and the backward scales it by ``grad_output`` before
+rounding it to the feature dtype:
 
     logits   Z = F W^T + b                          (N, C)  _grad_cosine_logits_kernel
     softmax  E = softmax(Z) - Y, in place           (N, C)  _grad_cosine_softmax_fwd_kernel
     head     G = E^T F / N, g_b = colsum(E) / N,    (C, D)  _grad_cosine_head_kernel
              per-tile shares of <S, R>, |S|^2, |R|^2
     cosine   loss_m, alpha, beta                    (3,)    _grad_cosine_cos_kernel
-    adjoint  Q' = F A^T + a                         (N, C)  _grad_cosine_logits_kernel (ADJOINT)
+    adjoint  Q' = F A^T + a                         (N, C)  _grad_cosine_logits_kernel (MIX)
     softmax' dZ' = P (Q' - rowsum(P Q')), in place  (N, C)  _grad_cosine_softmax_bwd_kernel
     feature  dL/dF = (E A + dZ' W) / N              (N, D)  _grad_cosine_bwd_kernel
 
@@ -18,14 +19,13 @@ with A = alpha G_r + beta G and a = alpha g_br + beta g_b built tile by tile, ne
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdistill.kernels._utils import calculate_settings, use_triton
+from fastdistill.kernels._utils import MAX_BLOCK, calculate_settings, dispatch, dot_settings, dtype_reason
 from fastdistill.losses import grad_cosine as _reference
 from fastdistill.losses.grad_cosine import EPS
 
@@ -35,7 +35,6 @@ _TILE_CAP = 64
 # fp32 values one program of the row (softmax) kernels holds: whole rows of up to MAX_BLOCK classes.
 _ROW_ELEMENTS = 4096
 _PART_BLOCK_CAP = 1024
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -50,7 +49,7 @@ def _grad_cosine_logits_kernel(
     n_rows,
     n_classes,
     n_dims,
-    ADJOINT: tl.constexpr,
+    MIX: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -59,8 +58,9 @@ def _grad_cosine_logits_kernel(
 ):
     """One (BLOCK_N, BLOCK_C) tile of Z = F M^T + m in fp32, summing over D.
 
-    Forward: M = W (C, D), m = b (C,). ADJOINT: M = alpha G_r + beta G, m = alpha g_br + beta g_b, i.e. A and a,
-    so Z = Q' = N dL/dP; alpha and beta are read from ``coef_ptr`` (written by the cosine kernel, no host sync).
+    Logits: M = W (C, D), m = b (C,). Adjoint Q' = N dL/dP: M = A, m = a, given (two-pass step), or with MIX
+    built per tile as A = alpha G_r + beta G, a = alpha g_br + beta g_b from ``r_ptr`` (G_r), ``m_ptr`` (G) and
+    alpha, beta read from ``coef_ptr`` (written by the cosine kernel, no host sync).
     """
     # int64: row * n_dims overflows int32 past 2^31 elements (e.g. N = 10^6 views of a 4096-d backbone)
     pid_n = tl.program_id(0).to(tl.int64)
@@ -69,7 +69,7 @@ def _grad_cosine_logits_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_mask = rows < n_rows
     col_mask = cols < n_classes
-    if ADJOINT:
+    if MIX:
         alpha = tl.load(coef_ptr + 1)
         beta = tl.load(coef_ptr + 2)
 
@@ -81,13 +81,13 @@ def _grad_cosine_logits_kernel(
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         cd_mask = col_mask[:, None] & dim_mask[None, :]
         m = tl.load(m_ptr + cols[:, None] * n_dims + dims[None, :], mask=cd_mask, other=0.0)
-        if ADJOINT:
+        if MIX:
             r = tl.load(r_ptr + cols[:, None] * n_dims + dims[None, :], mask=cd_mask, other=0.0)
             m = alpha * r.to(tl.float32) + beta * m
         acc = tl.dot(f.to(DOT_DTYPE), tl.trans(m.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
 
     mb = tl.load(mb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if ADJOINT:
+    if MIX:
         rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         mb = alpha * rb + beta * mb
     acc += mb[None, :]
@@ -251,14 +251,18 @@ def _grad_cosine_bwd_kernel(
     n_classes,
     n_dims,
     inv_n,
+    MIX: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One (BLOCK_N, BLOCK_D) tile of dL/dF = (E A + dZ' W) / N, summing over C; A = alpha G_r + beta G per tile.
+    """One (BLOCK_N, BLOCK_D) tile of dL/dF = (E A + dZ' W) / N in fp32, summing over C; A is given at ``r_ptr``,
+    or with MIX built per tile as alpha G_r + beta G.
 
+    The output stays fp32 whatever the feature dtype: these entries lie below fp16's smallest normal number at
+    published sizes, and only the incoming loss scale, applied before rounding, makes them representable.
     1/N is applied once to the fp32 accumulator rather than to E or dZ', so that half-precision dot operands
     (E ~ 1e-4 for confident rows) do not become fp16 subnormals.
     """
@@ -268,8 +272,9 @@ def _grad_cosine_bwd_kernel(
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
     dim_mask = dims < n_dims
-    alpha = tl.load(coef_ptr + 1)
-    beta = tl.load(coef_ptr + 2)
+    if MIX:
+        alpha = tl.load(coef_ptr + 1)
+        beta = tl.load(coef_ptr + 2)
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, n_classes, BLOCK_C):
@@ -281,32 +286,18 @@ def _grad_cosine_bwd_kernel(
         cd_offsets = cols[:, None] * n_dims + dims[None, :]
         err = tl.load(e_ptr + nc_offsets, mask=nc_mask, other=0.0)
         dz = tl.load(dz_ptr + nc_offsets, mask=nc_mask, other=0.0)
-        g = tl.load(g_ptr + cd_offsets, mask=cd_mask, other=0.0)
-        r = tl.load(r_ptr + cd_offsets, mask=cd_mask, other=0.0).to(tl.float32)
+        a = tl.load(r_ptr + cd_offsets, mask=cd_mask, other=0.0).to(tl.float32)
+        if MIX:
+            a = alpha * a + beta * tl.load(g_ptr + cd_offsets, mask=cd_mask, other=0.0)
         w = tl.load(w_ptr + cd_offsets, mask=cd_mask, other=0.0)
-        a = alpha * r + beta * g
         acc = tl.dot(err.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         acc = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-    tl.store(df_ptr + rows[:, None] * n_dims + dims[None, :], (acc * inv_n).to(df_ptr.dtype.element_ty),
+    tl.store(df_ptr + rows[:, None] * n_dims + dims[None, :], acc * inv_n,
              mask=row_mask[:, None] & dim_mask[None, :])
 
 
 def _tile(n: int) -> int:
     return max(16, min(triton.next_power_of_2(n), _TILE_CAP))
-
-
-def _dot_settings(dtype: torch.dtype) -> dict:
-    """tl.dot operand dtype and precision for features of ``dtype`` (operands in the input dtype, fp32 sums)."""
-    # fp32 operands follow torch's own matmul setting, so the kernel is as exact as the eager path it replaces
-    # ("highest", torch's default, means no TF32); half operands ignore the setting.
-    precision = "tf32"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
-    dot_dtype = _TL_DTYPES[dtype]
-    # the interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584): fp32 there
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        dot_dtype = tl.float32
-    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": precision}
 
 
 def _row_settings(n_rows: int, n_classes: int) -> tuple[int, int, int]:
@@ -315,25 +306,33 @@ def _row_settings(n_rows: int, n_classes: int) -> tuple[int, int, int]:
     return block_n, block_c, num_warps
 
 
-def _head_grad(feats, labels, weight, bias, real=None):
-    """Logits, softmax and head kernels for one backbone (contiguous inputs).
-
-    Returns E = P - Y (N, C), G (C, D), g_b (C,), all fp32, and with ``real`` = (G_r, g_br) the (tiles, 3)
-    partial sums of <S, R>, |S|^2, |R|^2 (else None).
-    """
+def _error(feats, labels, weight, bias):
+    """E = softmax(F W^T + b) - Y (N, C) fp32: the logits and softmax kernels (contiguous inputs)."""
     n, d = feats.shape
     c = weight.shape[0]
     block_n, block_c, block_d = _tile(n), _tile(c), _tile(d)
-    dot = _dot_settings(feats.dtype)
     err = torch.empty((n, c), dtype=torch.float32, device=feats.device)
     _grad_cosine_logits_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
         feats, weight, bias, weight, bias, err, err, n, c, d,
-        ADJOINT=False, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        MIX=False, **dot_settings(feats.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
     )
     row_n, row_c, row_warps = _row_settings(n, c)
     _grad_cosine_softmax_fwd_kernel[(triton.cdiv(n, row_n),)](
         err, labels, n, c, BLOCK_N=row_n, BLOCK_C=row_c, num_warps=row_warps,
     )
+    return err
+
+
+def _head_grad(feats, labels, weight, bias, real=None, inv_n=None):
+    """E (:func:`_error`) and the head kernel for one backbone (contiguous inputs).
+
+    Returns E = P - Y (N, C), G (C, D), g_b (C,), all fp32, and with ``real`` = (G_r, g_br) the (tiles, 3)
+    partial sums of <S, R>, |S|^2, |R|^2 (else None). G and g_b are scaled by ``inv_n`` (default 1/N).
+    """
+    n, d = feats.shape
+    c = weight.shape[0]
+    block_n, block_c, block_d = _tile(n), _tile(c), _tile(d)
+    err = _error(feats, labels, weight, bias)
     g = torch.empty((c, d), dtype=torch.float32, device=feats.device)
     g_b = torch.empty((c,), dtype=torch.float32, device=feats.device)
     grid = (triton.cdiv(c, block_c), triton.cdiv(d, block_d))
@@ -342,11 +341,39 @@ def _head_grad(feats, labels, weight, bias, real=None):
         parts = torch.empty((grid[0] * grid[1], 3), dtype=torch.float32, device=feats.device)
     g_r, gb_r = real if real is not None else (g, g_b)
     _grad_cosine_head_kernel[grid](
-        feats, err, g, g_b, g_r, gb_r, parts if parts is not None else g_b, n, c, d, 1.0 / n,
-        HAS_REAL=real is not None, **dot,
+        feats, err, g, g_b, g_r, gb_r, parts if parts is not None else g_b, n, c, d,
+        1.0 / n if inv_n is None else inv_n, HAS_REAL=real is not None, **dot_settings(feats.dtype),
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
     )
     return err, g, g_b, parts
+
+
+def _feature_grad(f, labels, w, err, adjoint, mix, coef, num_views):
+    """dL/dF (N, D) fp32 of one backbone: adjoint logits, softmax backward and feature kernels.
+
+    ``adjoint`` = (M, m) and (R, r): with ``mix``, A = alpha R + beta M and a = alpha r + beta m from ``coef``
+    (the forward's G, g_b and the real side); without, A = R and a = r (the two-pass step's given adjoint).
+    """
+    (m_w, m_b), (r_w, r_b) = adjoint
+    n, d = f.shape
+    c = w.shape[0]
+    block_n, block_c, block_d = _tile(n), _tile(c), _tile(d)
+    dot = dot_settings(f.dtype)
+    q = torch.empty_like(err)
+    _grad_cosine_logits_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
+        f, m_w, m_b, r_w, r_b, coef, q, n, c, d,
+        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+    row_n, row_c, row_warps = _row_settings(n, c)
+    _grad_cosine_softmax_bwd_kernel[(triton.cdiv(n, row_n),)](
+        err, q, labels, n, c, BLOCK_N=row_n, BLOCK_C=row_c, num_warps=row_warps,
+    )
+    grad = torch.empty((n, d), dtype=torch.float32, device=f.device)
+    _grad_cosine_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+        err, q, m_w, r_w, w, coef, grad, n, c, d, 1.0 / num_views,
+        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+    return grad
 
 
 def grad_cosine_fwd(feats, labels, weights, biases, real_grads, backbone_weights, need_grad):
@@ -366,33 +393,10 @@ def grad_cosine_fwd(feats, labels, weights, biases, real_grads, backbone_weights
 
 
 def grad_cosine_bwd(feats, labels, weights, real_grads, states):
-    """dL/dF (N, D_m) in each backbone's feature dtype from :func:`grad_cosine_fwd`'s states (None where None)."""
-    grads = []
-    for f, w, (g_r, gb_r), state in zip(feats, weights, real_grads, states):
-        if state is None:
-            grads.append(None)
-            continue
-        err, g, g_b, coef = state
-        n, d = f.shape
-        c = w.shape[0]
-        block_n, block_c, block_d = _tile(n), _tile(c), _tile(d)
-        dot = _dot_settings(f.dtype)
-        q = torch.empty_like(err)
-        _grad_cosine_logits_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
-            f, g, g_b, g_r, gb_r, coef, q, n, c, d,
-            ADJOINT=True, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
-        )
-        row_n, row_c, row_warps = _row_settings(n, c)
-        _grad_cosine_softmax_bwd_kernel[(triton.cdiv(n, row_n),)](
-            err, q, labels, n, c, BLOCK_N=row_n, BLOCK_C=row_c, num_warps=row_warps,
-        )
-        grad = torch.empty((n, d), dtype=f.dtype, device=f.device)
-        _grad_cosine_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
-            err, q, g, g_r, w, coef, grad, n, c, d, 1.0 / n,
-            **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
-        )
-        grads.append(grad)
-    return grads
+    """dL/dF (N, D_m) fp32 from :func:`grad_cosine_fwd`'s states (None where None)."""
+    return [None if state is None else _feature_grad(f, labels, w, state[0], (state[1:3], real), True, state[3],
+                                                     f.shape[0])
+            for f, w, real, state in zip(feats, weights, real_grads, states)]
 
 
 class GradCosineFunction(torch.autograd.Function):
@@ -409,7 +413,9 @@ class GradCosineFunction(torch.autograd.Function):
         dL/dF = E A / N + dZ W = (E A + dZ' W) / N,   dZ' = N dZ
 
     The kernels form Q' = N Q and dZ' and divide by N once, in fp32. dL/dF is computed in the forward (a terminal
-    loss: nothing else needs the intermediates) and saved; the backward multiplies it by ``grad_output``.
+    loss: nothing else needs the intermediates) and saved in fp32 (N x D x 4 bytes per backbone); the backward
+    multiplies it by ``grad_output`` and only then rounds it to the feature dtype, so a GradScaler's scale keeps
+    fp16 gradients out of the subnormal range.
     """
 
     @staticmethod
@@ -423,21 +429,24 @@ class GradCosineFunction(torch.autograd.Function):
         loss, states = grad_cosine_fwd(feats, labels, weights, biases, real_grads, backbone_weights, need_grad)
         grads = grad_cosine_bwd(feats, labels, weights, real_grads, states)
         ctx.need_grad = need_grad
+        ctx.dtypes = [f.dtype for f in feats]
         ctx.save_for_backward(*(g for g in grads if g is not None))
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         saved = iter(ctx.saved_tensors)
-        # a 0-dim fp32 grad_output does not promote the half-precision gradient: it stays in the feature dtype
-        grads = [next(saved) * grad_output if need else None for need in ctx.need_grad]
+        grads = [(next(saved) * grad_output).to(dtype) if need else None
+                 for need, dtype in zip(ctx.need_grad, ctx.dtypes)]
         return (None, None, None, None, None, *grads)
 
 
-def _check_kernel_dtype(where: str, name: str, feats: torch.Tensor) -> None:
-    if feats.dtype not in _TL_DTYPES:
-        raise ValueError(f"{where}: the Triton kernel takes float32, float16 or bfloat16 {name}, got {feats.dtype}; "
-                         f"use backend='torch'")
+def _unsupported(feats: dict[str, torch.Tensor], num_classes: int) -> str | None:
+    """Why the Triton kernel cannot take these inputs (None if it can): a dtype, or more classes than a row block."""
+    reason = dtype_reason(feats)
+    if reason is None and num_classes > MAX_BLOCK:
+        reason = f"{num_classes} classes exceed the softmax kernels' row cap of {MAX_BLOCK}"
+    return reason
 
 
 def grad_cosine_loss(
@@ -457,7 +466,9 @@ def grad_cosine_loss(
         weights: M head weights (C, D_m). biases: M head biases (C,).
         real_grads: M pairs (G_r (C, D_m), g_br (C,)) from :func:`linear_head_grad` on real features.
         backbone_weights: M floats w_m, default all 1.
-        backend: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (the reference).
+        backend: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (the reference). Inputs
+            the kernel cannot take (float64, more than 16,384 classes) run the reference under "auto", with one
+            warning, and raise ValueError under "triton".
 
     Returns:
         Scalar float32 loss. Gradients flow to ``feats`` only (in their dtype), through
@@ -469,12 +480,17 @@ def grad_cosine_loss(
     """
     backbone_weights = _reference.check_grad_cosine_inputs(feats, labels, weights, biases, real_grads,
                                                            backbone_weights)
-    if not use_triton(backend, *feats):
+    reason = _unsupported({f"feats[{m}]": f for m, f in enumerate(feats)}, weights[0].shape[0])
+    if not dispatch("grad_cosine", backend, feats, reason):
         return _reference.grad_cosine_loss(feats, labels, weights, biases, real_grads, backbone_weights)
-    for m, f in enumerate(feats):
-        _check_kernel_dtype("grad_cosine", f"feats[{m}]", f)
     return GradCosineFunction.apply(labels, list(weights), list(biases), [tuple(p) for p in real_grads],
                                     backbone_weights, *feats)
+
+
+def _check_no_graph(where: str, feats: torch.Tensor) -> None:
+    if feats.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{where}: the Triton path builds no autograd graph, but feats requires grad; "
+                         f"pass feats.detach(), run under torch.no_grad(), or use backend='torch'")
 
 
 def linear_head_grad(
@@ -490,12 +506,52 @@ def linear_head_grad(
             on the Triton path.
     """
     _reference.check_linear_head_inputs("linear_head_grad", feats, labels, weight, bias)
-    if not use_triton(backend, feats):
+    if not dispatch("linear_head_grad", backend, (feats,), _unsupported({"feats": feats}, weight.shape[0])):
         return _reference.linear_head_grad(feats, labels, weight, bias)
-    _check_kernel_dtype("linear_head_grad", "feats", feats)
-    if feats.requires_grad and torch.is_grad_enabled():
-        raise ValueError("linear_head_grad: the Triton path builds no autograd graph, but feats requires grad; "
-                         "pass feats.detach(), run under torch.no_grad(), or use backend='torch'")
+    _check_no_graph("linear_head_grad", feats)
     _reference.check_labels("linear_head_grad", labels, weight.shape[0])
     _, g, g_b, _ = _head_grad(feats.contiguous(), labels.contiguous(), weight.contiguous(), bias.contiguous())
     return g, g_b
+
+
+# The two-pass LGM step (recipes/lgm.py) splits the loss above into per-chunk sums, a closed-form adjoint on the
+# summed (C, D) gradients and a per-chunk feature gradient; these two run its per-view parts on the same kernels.
+
+
+def linear_head_grad_sums(
+    feats: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E^T F (C, D), sum_n E (C,)) fp32 of a slice of the views: :func:`fastdistill.losses.grad_cosine.
+    linear_head_grad_sums` plus ``backend`` (the head kernels with 1/N = 1). No autograd graph."""
+    _reference.check_linear_head_inputs("linear_head_grad_sums", feats, labels, weight, bias)
+    if not dispatch("linear_head_grad_sums", backend, (feats,), _unsupported({"feats": feats}, weight.shape[0])):
+        return _reference.linear_head_grad_sums(feats, labels, weight, bias)
+    _check_no_graph("linear_head_grad_sums", feats)
+    _reference.check_labels("linear_head_grad_sums", labels, weight.shape[0])
+    _, g, g_b, _ = _head_grad(feats.contiguous(), labels.contiguous(), weight.contiguous(), bias.contiguous(),
+                              inv_n=1.0)
+    return g, g_b
+
+
+def grad_cosine_feature_grad(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    adjoint: tuple[torch.Tensor, torch.Tensor],
+    num_views: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """dL/dF (n, D) fp32 of a slice of the views given the adjoint (A, a): :func:`fastdistill.losses.grad_cosine.
+    grad_cosine_feature_grad` plus ``backend``. No autograd graph."""
+    _reference.check_linear_head_inputs("grad_cosine_feature_grad", feats, labels, weight, bias)
+    if not dispatch("grad_cosine_feature_grad", backend, (feats,),
+                    _unsupported({"feats": feats}, weight.shape[0])):
+        return _reference.grad_cosine_feature_grad(feats, labels, weight, bias, adjoint, num_views)
+    _check_no_graph("grad_cosine_feature_grad", feats)
+    _reference.check_labels("grad_cosine_feature_grad", labels, weight.shape[0])
+    f, labels, w, b = (t.contiguous() for t in (feats, labels, weight, bias))
+    given = tuple(t.to(torch.float32).contiguous() for t in adjoint)
+    err = _error(f, labels, w, b)
+    # without MIX the kernels read A and a from both adjoint slots; coef is not read (err stands in)
+    return _feature_grad(f, labels, w, err, (given, given), False, err, num_views)

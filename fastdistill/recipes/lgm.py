@@ -17,7 +17,8 @@ backpropagated into the synthetic parameters only (backbones frozen, heads never
   grid_sample, differentiable), flip where the data allows it, additive Gaussian noise with probability p;
   ``augs_per_batch`` augmented copies of the synthetic set per step against ``ipc * augs * classes`` random real
   images, whose forward runs without autograd.
-- The loss is ``kernels/grad_cosine.py`` (Triton on CUDA, the closed-form PyTorch reference elsewhere).
+- The loss is ``kernels/grad_cosine.py`` (Triton on CUDA, the closed-form PyTorch reference elsewhere), in both
+  steps: the two-pass step's head sums and feature gradients run on the same kernels.
 - Memory: the one-pass step keeps every synthetic view's activations for one backward (linear in augs_per_batch);
   with ``method.chunk_size`` the two-pass step computes features, loss and dL/dF chunk by chunk without a graph,
   then backpropagates chunk by chunk on the same views (stored draws): the same gradient, memory flat in augs.
@@ -44,8 +45,9 @@ from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
-from fastdistill.kernels.grad_cosine import grad_cosine_loss, linear_head_grad
-from fastdistill.losses.grad_cosine import grad_cosine_adjoint, grad_cosine_feature_grad, linear_head_grad_sums
+from fastdistill.kernels.grad_cosine import (grad_cosine_feature_grad, grad_cosine_loss, linear_head_grad,
+                                             linear_head_grad_sums)
+from fastdistill.losses.grad_cosine import grad_cosine_adjoint
 from fastdistill.models import Backbone, parse_backbone_id
 from fastdistill.profiling import Profiler
 
@@ -422,7 +424,7 @@ class LGMRecipe:
         activations of one backbone alive at a time.
 
         Pass 1 (no autograd), chunk by chunk: features of the real and synthetic views and the head gradients'
-        partial sums; then the loss and dL/dF of every synthetic view in closed form (losses/grad_cosine.py).
+        partial sums; then the loss and dL/dF of every synthetic view in closed form (kernels/grad_cosine.py).
         Pass 2, chunk by chunk: the same views again (stored draws), the backbone with autograd, and
         ``F_chunk.backward(dL/dF_chunk)`` into the synthetic images; one backward through the decode at the end.
 
@@ -450,7 +452,7 @@ class LGMRecipe:
         feats = [[] for _ in self.backbones]
 
         def add_sums(side: int, m: int, f: torch.Tensor, labels: torch.Tensor) -> None:
-            for k, t in enumerate(linear_head_grad_sums(f.detach(), labels, *heads[m])):
+            for k, t in enumerate(linear_head_grad_sums(f.detach(), labels, *heads[m], backend=self.cfg.kernels)):
                 sums[side][m][k] += t
 
         with torch.no_grad():
@@ -480,7 +482,7 @@ class LGMRecipe:
         mine_labels = syn_labels[syn_rows.start:syn_rows.stop]
         # fp16: the loss scale enters here (a rank with no views, when there are more ranks than views, has none)
         feat_grads = [self.precision.scaler.scale(grad_cosine_feature_grad(torch.cat(f).detach(), mine_labels, *head,
-                                                                           adjoint, n))
+                                                                           adjoint, n, backend=self.cfg.kernels))
                       for f, head, adjoint in zip(feats, heads, adjoints) if f]
 
         # pass 2: the same views with autograd, one backbone at a time

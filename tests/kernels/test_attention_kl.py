@@ -49,8 +49,10 @@ def _inputs(seed, b, h, n, d_t, d_s, dtype):
 
 def _close(actual, expected, atol, rtol, what):
     scale = expected.detach().abs().max().clamp_min(1e-30).item()
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
+    # one rounding step of the dtype near zero (fp16 subnormals: 2^-24) is resolution, not error (as Liger's tests)
+    step = torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=max(atol * scale, step),
+                               rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _check(backend, seed, b, h, n, d_t, d_s, dtype, atol, rtol, grad_output=1.0):
@@ -127,8 +129,41 @@ def test_bad_inputs_are_one_line_errors():
         kernel.attention_kl(q, q, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
     with pytest.raises(ValueError, match=r"q_s must be \(B, H, L, D\)"):
         kernel.attention_kl(q, q, torch.randn(2, 5, 4), q)
-    with pytest.raises(ValueError, match="head dim 300 exceeds"):
+    with pytest.raises(ValueError, match="head dim 300 exceeds the kernel's cap of 128; use backend='torch'"):
         big = torch.randn(1, 1, 4, 300)
         kernel.attention_kl(big, big, big, big, backend="triton")
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         kernel.attention_kl(q, q, q, q, backend="cuda")
+
+
+def test_auto_falls_back_with_one_warning_where_the_kernel_cannot_run(monkeypatch):
+    # on CUDA, auto picks Triton; inputs it cannot take (a head dim over the cap, float64) run the torch form
+    from fastdistill.kernels import _utils
+
+    monkeypatch.setattr(_utils, "use_triton", lambda backend, *tensors: backend != "torch")
+    _utils._warn_fallback.cache_clear()
+    for d, dtype, reason in ((136, torch.float32, "head dim 136 exceeds"), (8, torch.float64, "got torch.float64")):
+        q_t, k_t, q_s, k_s = (t.to(dtype) for t in _inputs(9, 1, 1, 6, d, d, torch.float32))
+        with pytest.warns(UserWarning, match=f"attention_kl: .*{reason}.*running the PyTorch path"):
+            loss = kernel.attention_kl(q_t, k_t, q_s, k_s, backend="auto")
+        torch.testing.assert_close(loss, kernel.attention_kl(q_t, k_t, q_s, k_s, backend="torch"), atol=0, rtol=0)
+
+
+def test_fp16_gradients_are_scaled_before_rounding():
+    # near-identical maps give dQ_s, dK_s below fp16's smallest normal number, as the 1 / (B H L) of the mean does
+    # at published sizes; a GradScaler's 2^16 brings them back only if it multiplies before the rounding
+    scale = 2.0**16
+    q_t, k_t, q_s, k_s = _inputs(10, 2, 2, 40, 16, 16, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    q_s = (q_t + 0.001 * torch.randn(q_t.shape, generator=gen).to(DEVICE)).half().requires_grad_()
+    k_s = (k_t + 0.001 * torch.randn(k_t.shape, generator=gen).to(DEVICE)).half().requires_grad_()
+    q_t, k_t = q_t.half(), k_t.half()
+    loss = kernel.attention_kl(q_t, k_t, q_s, k_s, backend="triton")
+    dq, dk = torch.autograd.grad(loss, [q_s, k_s], grad_outputs=torch.tensor(scale, device=DEVICE))
+    exact = [t.detach().double().requires_grad_(i >= 2) for i, t in enumerate((q_t, k_t, q_s, k_s))]
+    edq, edk = torch.autograd.grad(reference.attention_kl(*exact) * scale, exact[2:])
+    for name, got, want in (("dQ_s", dq, edq), ("dK_s", dk, edk)):
+        unscaled = want.abs().max().item() / scale
+        assert unscaled < torch.finfo(torch.float16).smallest_normal, f"{name} up to {unscaled:.2e} is not subnormal"
+        error = ((got.double() - want).norm() / want.norm()).item()
+        assert error < 2e-3, f"scaled fp16 {name} off the float64 reference by {error:.2e} (rounded before scaling?)"

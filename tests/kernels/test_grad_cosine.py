@@ -54,8 +54,10 @@ def _inputs(seed, n, c, dims, dtype, requires_grad=True):
 
 def _close(actual, expected, atol, rtol, what):
     scale = expected.detach().float().abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), atol=atol * scale.item(),
-                               rtol=rtol, msg=lambda m: f"{what}: {m}")
+    # one rounding step of the dtype near zero (fp16 subnormals: 2^-24) is resolution, not error (as Liger's tests)
+    step = torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(),
+                               atol=max(atol * scale.item(), step), rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _check_loss_and_grads(seed, n, c, dims, dtype, atol, rtol, grad_output=1.0, requires_grad=None):
@@ -146,6 +148,63 @@ def test_dispatch_and_input_errors():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):
             kernel.grad_cosine_loss(feats, labels + 4, weights, biases, real_grads, backend="triton")
+
+
+def test_fp16_feature_grad_is_scaled_before_rounding():
+    # at published sizes dL/dF lies below fp16's smallest normal number (6.1e-5); a GradScaler's 2^16 brings it
+    # back only if it multiplies the gradient before the rounding to fp16 (a saved fp16 gradient flushes to zero)
+    scale = 2.0**16
+    feats, labels, weights, biases, real_grads, _ = _inputs(11, 32, 16, (64,), torch.float16)
+    loss = kernel.grad_cosine_loss(feats, labels, weights, biases, real_grads, [1e-3], backend="triton")
+    (grad,) = torch.autograd.grad(loss, feats, grad_outputs=torch.tensor(scale, device=DEVICE))
+    f64 = feats[0].detach().double().requires_grad_()
+    expected = reference.grad_cosine_loss([f64], labels, [weights[0].double()], [biases[0].double()],
+                                          [tuple(t.double() for t in real_grads[0])], [1e-3])
+    (expected_grad,) = torch.autograd.grad(expected * scale, f64)
+    unscaled = expected_grad.abs().max().item() / scale
+    assert unscaled < torch.finfo(torch.float16).smallest_normal, f"dL/dF up to {unscaled:.2e} is not subnormal"
+    error = ((grad.double() - expected_grad).norm() / expected_grad.norm()).item()
+    assert error < 2e-3, f"scaled fp16 dL/dF off the float64 reference by {error:.2e} (flushed before scaling?)"
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("seed, n, c, dims, tile_cap", SHAPES[:3])
+def test_two_pass_parts_match_reference(seed, n, c, dims, tile_cap, dtype, atol, rtol, monkeypatch):
+    """The per-chunk head sums and the feature gradient given an adjoint (the two-pass LGM step) on the kernels."""
+    if tile_cap is not None:
+        monkeypatch.setattr(kernel, "_TILE_CAP", tile_cap)
+    feats, labels, weights, biases, real_grads, backbone_weights = _inputs(seed, n, c, dims, dtype,
+                                                                           requires_grad=False)
+    shape = f"seed={seed} N={n} C={c} D={dims} {dtype}"
+    for m, (f, w, b) in enumerate(zip(feats, weights, biases)):
+        sums = kernel.linear_head_grad_sums(f, labels, w, b, backend="triton")
+        expected_sums = reference.linear_head_grad_sums(f, labels, w, b)
+        for name, got, want in zip(("E^T F", "sum E"), sums, expected_sums):
+            assert got.dtype == torch.float32, f"{name} dtype {got.dtype} at {shape}"
+            _close(got, want, atol, rtol, f"{name} of backbone {m} at {shape}")
+        _, adjoints = reference.grad_cosine_adjoint([(g / n, g_b / n) for g, g_b in [expected_sums]],
+                                                    [real_grads[m]], [backbone_weights[m]])
+        grad = kernel.grad_cosine_feature_grad(f, labels, w, b, adjoints[0], n, backend="triton")
+        expected = reference.grad_cosine_feature_grad(f, labels, w, b, adjoints[0], n)
+        assert grad.dtype == torch.float32, f"dL/dF dtype {grad.dtype} at {shape}"
+        _close(grad, expected, atol, rtol, f"dL/dF given the adjoint, backbone {m} at {shape}")
+
+
+def test_auto_falls_back_with_one_warning_where_the_kernel_cannot_run(monkeypatch):
+    # on CUDA, auto picks Triton; inputs it cannot take (float64 here) must run the reference, not crash
+    from fastdistill.kernels import _utils
+
+    monkeypatch.setattr(_utils, "use_triton", lambda backend, *tensors: backend != "torch")
+    _utils._warn_fallback.cache_clear()
+    args = _inputs(12, 9, 5, (7,), torch.float64)
+    with pytest.warns(UserWarning, match=r"grad_cosine: .*float64.*running the PyTorch path"):
+        loss = kernel.grad_cosine_loss(*args, backend="auto")
+    torch.testing.assert_close(loss, reference.grad_cosine_loss(*args), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"got torch.float64; use backend='torch'"):
+        kernel.grad_cosine_loss(*args, backend="triton")
+    monkeypatch.setattr(kernel, "MAX_BLOCK", 4)  # more classes than a softmax row block
+    with pytest.warns(UserWarning, match="5 classes exceed the softmax kernels' row cap of 4"):
+        kernel.linear_head_grad(args[0][0].detach().float(), args[1], args[2][0].float(), args[3][0].float())
 
 
 @pytest.mark.gpu

@@ -69,13 +69,17 @@ def test_two_pass_gradient_equals_one_pass_in_float64(tmp_path, seed):
                                        msg=lambda m: f"gradient of level {k}, chunk {chunk}, {where}: {m}")
 
 
-def test_two_pass_training_follows_the_one_pass_run(tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_two_pass_training_follows_the_one_pass_run(tmp_path, kernels):
+    """The two-pass step on ``kernels`` (the Triton head-sum and feature-gradient kernels, interpreted on CPU, or
+    the torch reference) follows the one-pass step of the reference."""
     families = FAMILIES[:2]
     runs = {}
     for chunk in (0, 5):
         torch.manual_seed(0)
         recipe = _recipe(tmp_path / str(chunk), families, "method.augs_per_batch=3", "method.parametrization=pixels",
-                         "method.lr=0.05", "method.iterations=3", f"method.chunk_size={chunk}")
+                         "method.lr=0.05", "method.iterations=3", f"method.chunk_size={chunk}",
+                         f"kernels={kernels if chunk else 'torch'}")
         assert recipe.chunk_size == chunk
         real = (torch.rand(12, 3, 12, 12, generator=torch.Generator().manual_seed(1)),
                 torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(2)))
