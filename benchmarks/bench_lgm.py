@@ -181,7 +181,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sweep_child:
-        print(json.dumps(sweep_child(args)))
+        result = sweep_child(args)
+        if args.out_dir:  # one measured configuration as a results file (the GPU suite's ImageNet-1k step)
+            row = {"benchmark": "lgm_step", "provider": "two_pass" if args.chunk_size else "one_pass",
+                   "mode": "full", "dtype": args.precision, "backbones": args.backbones,
+                   "shape": f"M={len(args.backbones)} C={args.classes} ipc={args.ipc} augs={args.augs} "
+                            f"px={args.image_size}", "chunk_size": args.chunk_size, **result}
+            write_results("lgm_step_single", [row], torch.device(args.device), out_dir=args.out_dir)
+        print(json.dumps(result))
         return
     if args.sweep:
         sweep(args)

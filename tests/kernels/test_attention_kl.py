@@ -167,3 +167,13 @@ def test_fp16_gradients_are_scaled_before_rounding():
         assert unscaled < torch.finfo(torch.float16).smallest_normal, f"{name} up to {unscaled:.2e} is not subnormal"
         error = ((got.double() - want).norm() / want.norm()).item()
         assert error < 2e-3, f"scaled fp16 {name} off the float64 reference by {error:.2e} (rounded before scaling?)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("n", [197, 577, 1025])
+def test_published_sizes_on_gpu(n, dtype, atol, rtol, monkeypatch):
+    """ViT-B/16 at 224, 384 and 512 px (12 heads of 64), at the kernel's own 64 x 64 tiles and dot precision."""
+    monkeypatch.setattr(kernel, "_BLOCK_M", 64)
+    monkeypatch.setattr(kernel, "_BLOCK_N", 64)
+    _check("triton", 12, 2, 12, n, 64, 64, dtype, atol, rtol, grad_output=0.5)
