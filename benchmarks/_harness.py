@@ -30,8 +30,12 @@ def device_name(device: torch.device) -> str:
 
 
 def git_sha() -> str:
+    """The revision measured: ``FASTDISTILL_GIT_SHA`` when set (a copied checkout may carry stale git metadata),
+    else ``git describe --always --dirty``."""
+    if os.environ.get("FASTDISTILL_GIT_SHA"):
+        return os.environ["FASTDISTILL_GIT_SHA"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -2,7 +2,8 @@
 # Everything the project measures on a GPU, in one call of under 8 minutes, on a bare offline machine.
 #
 #   bash benchmarks/gpu_suite.sh --prepare   # on a machine with pip access: cp312 wheels of what the GPU image lacks
-#   bash benchmarks/gpu_suite.sh             # on the GPU machine, from the checkout's root, with .whl/ beside it
+#   FASTDISTILL_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh   # on the GPU machine, from the checkout's root, with
+#                                            # .whl/ beside it; the sha names the tree when its git metadata is stale
 #   bash benchmarks/gpu_suite.sh --dry       # tiny sizes anywhere (CPU: Triton through TRITON_INTERPRET=1)
 #
 # The GPU image has torch, triton and timm but no network and none of hydra-core / omegaconf / antlr4 / nvtx, so
