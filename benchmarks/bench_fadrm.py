@@ -40,7 +40,7 @@ from fastdistill import console  # noqa: E402
 from fastdistill.models import create_backbone  # noqa: E402
 from fastdistill.models.taps import BNStatsTap  # noqa: E402
 from fastdistill.recipes.fadrm import FADRMRecipe  # noqa: E402
-from fastdistill.run import compose  # noqa: E402
+from fastdistill.config import compose  # noqa: E402
 
 PROVIDERS = ("eager", "fast_bn", "mro", "mpt_mro")
 

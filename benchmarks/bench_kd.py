@@ -30,7 +30,7 @@ from benchmarks._harness import add_ratios, measure_alternating, print_table, wr
 
 def bench_kd_multi(args, device: torch.device) -> list[dict]:
     from fastdistill.recipes.kd_multi import KDMultiRecipe
-    from fastdistill.run import compose
+    from fastdistill.config import compose
 
     preset = args.preset or ("paper" if device.type == "cuda" else "default")
     base = ["+method=kd_multi", f"preset={preset}", f"device={device.type}", "progress=false", "data=mnist5k",
@@ -70,7 +70,7 @@ def bench_kd_clip(args, device: torch.device) -> list[dict]:
     (``method.kd.teacher_targets=online``), ``cached`` reads targets computed once before training (the fast path,
     and what CP always does), ``alone`` is the student's CE step (SUP) for scale."""
     from fastdistill.recipes.kd_clip import KDClipRecipe
-    from fastdistill.run import compose
+    from fastdistill.config import compose
 
     # teacher weights do not change the step's cost: random ones (paper: the CLIP ViT-B/16 image tower at 224 px)
     preset = args.preset or ("paper" if device.type == "cuda" else "default")

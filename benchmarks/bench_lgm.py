@@ -40,7 +40,7 @@ from benchmarks._harness import (add_ratios, host_rss_mib, measure_alternating, 
                                  write_results)
 from fastdistill.models import create_backbone  # noqa: E402
 from fastdistill.recipes.lgm import LGMRecipe  # noqa: E402
-from fastdistill.run import compose  # noqa: E402
+from fastdistill.config import compose  # noqa: E402
 
 PROVIDERS = ("eager", "closed_form", "compiled", "two_pass")
 SWEEP_AUGS = (2, 5, 10, 20)

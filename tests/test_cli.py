@@ -39,6 +39,19 @@ def test_cfg_job_prints_the_preset_over_the_method():
     (["+method=teacher", "method.pretrained=/ckpt/dino_s16.pth"],
      "FileNotFoundError: pretrained weights '/ckpt/dino_s16.pth' not found"),
     (["+method=teacher", "precision=fp8"], "ValueError: unknown precision 'fp8'"),
+    (["+method=teacher", "seed=abc"], "ValueError: seed must be an integer >= 0, got 'abc'"),
+    (["+method=teacher", "seed=1.5"], "ValueError: seed must be an integer >= 0, got 1.5"),
+    (["+method=fadrm", "ipc=ten"], "ValueError: ipc must be an integer >= 1, got 'ten'"),
+    (["+method=teacher", "method.optimizer.lr=fast"],
+     "ValueError: method.optimizer.lr must be a number > 0.0, got 'fast'"),
+    (["+method=teacher", "method.optimizer.lr=0"], "ValueError: method.optimizer.lr must be a number > 0.0, got 0"),
+    (["+method=teacher", "method.epochs=-1"], "ValueError: method.epochs must be an integer >= 0, got -1"),
+    (["+method=teacher", "method.epochs=2.5"], "ValueError: method.epochs must be an integer >= 0, got 2.5"),
+    (["+method=teacher", "method.batch_size=0"], "ValueError: method.batch_size must be an integer >= 1, got 0"),
+    (["+method=lgm", "method.image_size=-32"], "ValueError: method.image_size must be an integer >= 1, got -32"),
+    (["+method=lgm", "method.iterations=many"], "ValueError: method.iterations must be an integer >= 0, got 'many'"),
+    (["+method=fadrm", "method.iterations=5"], "ValueError: Could not override 'method.iterations'. To append to"),
+    (["+method=teacher", "checkpoint_every=-5"], "ValueError: checkpoint_every must be an integer >= 0, got -5"),
 ])
 def test_one_line_errors(args, message, tmp_path):
     r = cli(*args, f"out={tmp_path / 'run'}", "progress=false")
@@ -60,3 +73,31 @@ def test_corrupt_image_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("ValueError: corrupt image file") and "bad.jpg" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _folder(root, classes, n=2):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_out_inside_the_dataset_is_one_line(tmp_path):
+    data = _folder(tmp_path / "data", ["a", "b"])
+    r = cli("+method=teacher", "data=imagefolder", f"data.root={data}", f"out={data / 'train' / 'runs'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lies inside data.root" in lines[0], r.stderr[-2000:]
+    assert not (data / "train" / "runs").exists(), "the check must come before anything is written"
+
+
+def test_a_single_class_dataset_is_one_line(tmp_path):
+    data = _folder(tmp_path / "data", ["only"])
+    r = cli("+method=teacher", "data=imagefolder", f"data.root={data}", f"out={tmp_path / 'run'}", "progress=false")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ValueError: ") and "at least 2 classes" in lines[0], r.stderr

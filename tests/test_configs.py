@@ -7,7 +7,7 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastdistill.recipes import RECIPES
-from fastdistill.run import PRESETS, compose
+from fastdistill.config import PRESETS, compose
 
 
 def _targets(node, path=""):
@@ -47,3 +47,11 @@ def test_preset_values_reach_the_method():
     paper = compose(["+method=teacher", "preset=paper"])
     assert smoke.method.epochs < paper.method.epochs
     assert compose(["+method=teacher", "preset=paper", "method.epochs=2"]).method.epochs == 2
+
+
+def test_config_methods_are_the_registered_recipes():
+    # config.py reads method names from configs/method/*.yaml so that it imports no recipe: the two lists must agree
+    from fastdistill.config import options
+    from fastdistill.recipes import RECIPES
+
+    assert options("method") == sorted(RECIPES)

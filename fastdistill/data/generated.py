@@ -301,7 +301,7 @@ def _main(argv=None) -> None:
     from omegaconf import OmegaConf
 
     from fastdistill.data import build_dataset
-    from fastdistill.run import compose
+    from fastdistill.config import compose
 
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")

@@ -48,6 +48,10 @@ def build_imagefolder(cfg: DictConfig) -> dict[str, ImageDataset]:
     channels = int(cfg.get("channels", 3))
     train_dir = root / "train" if (root / "train").is_dir() else root
     paths, labels, classes = scan_folder(train_dir)
+    if len(classes) < 2:
+        # every method trains or probes a classifier on the labels: one class makes its loss 0 from the start
+        raise ValueError(f"data.root '{root}' has {len(classes)} class folder ({classes[0]!r}); a classifier needs "
+                         f"at least 2 classes, one folder each")
     train = ImageDataset(labels=labels, classes=classes, paths=paths, image_size=size, channels=channels)
     if (root / "test").is_dir():
         tpaths, tlabels, _ = scan_folder(root / "test", classes)

@@ -93,7 +93,7 @@ def ensure_trained(recipe: str, model: str, model_kwargs, preset: str, overrides
     """The run folder of ``model`` trained on the run's data by ``+method=recipe`` (``teacher``, ``dino``, ``mae``)
     with ``preset``, training it if needed (cached by config hash; a killed training resumes)."""
     from fastdistill.recipes import get_recipe
-    from fastdistill.run import compose
+    from fastdistill.config import compose
 
     tcfg = compose([f"+method={recipe}", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
                     f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",

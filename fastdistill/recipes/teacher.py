@@ -55,7 +55,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 def ensure_trained_teacher(model: str, cfg: DictConfig, preset: str) -> Path:
     """The cache folder of ``model`` trained on ``cfg.data`` by this recipe with ``preset``, training it if needed."""
-    from fastdistill.run import compose
+    from fastdistill.config import compose
 
     tcfg = compose(["+method=teacher", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
                     f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",

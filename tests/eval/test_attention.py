@@ -9,7 +9,8 @@ import torch
 from fastdistill.eval.attention import (attention_distances, cls_attention, mean_attention_distance, overlay_grid,
                                         patch_distances, plot_attention_distance)
 from fastdistill.models import create_backbone
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 
 def _one_hot_rows(targets: list[int], prefix: int = 1) -> torch.Tensor:

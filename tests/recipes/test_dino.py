@@ -10,7 +10,8 @@ from fastdistill.data.multicrop import MultiCrop
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import DINOHead, MultiCropModel
 from fastdistill.recipes.dino import ema_update, param_groups
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 
 def test_ema_update_matches_formula():

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from fastdistill.recipes.fadrm import FADRMRecipe
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 TINY = ["+method=fadrm", "preset=smoke", "ipc=2", "method.stage_sizes=[24,28]", "method.stage_iterations=4",
         "method.candidates_per_class=4", "method.eval.epochs=2", "method.eval.real_random=false",

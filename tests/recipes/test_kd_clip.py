@@ -10,7 +10,8 @@ from fastdistill.data import build_dataset
 from fastdistill.data.generated import augment_images, write_folder
 from fastdistill.data.transforms import to_input
 from fastdistill.recipes.kd_clip import KDClipRecipe, real_subset
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 TINY = ["+method=kd_clip", "preset=smoke", "method.teacher=timm:resnet10t", "method.teacher_weights=none",
         "+method.teacher_kwargs.num_classes=10", "method.real_per_class=2", "method.kd.epochs=2",

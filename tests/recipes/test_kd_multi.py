@@ -8,7 +8,8 @@ import torch
 
 from fastdistill.recipes import kd_multi
 from fastdistill.recipes.teacher import CARD
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 VIT = "timm:vit_tiny_patch16_224"
 TINY = "{img_size: 28, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}"

@@ -10,7 +10,8 @@ from PIL import Image
 
 from fastdistill.recipes import lgm
 from fastdistill.recipes.lgm import LGMRecipe, augment, decode, encode, pyramid_sizes
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 # two tiny random-init backbones of different families; the evaluator is a third architecture
 TINY = ["+method=lgm", "preset=smoke", "method.backbones=[timm:test_resnet,timm:test_efficientnet]",

@@ -58,7 +58,7 @@ import json, sys
 import torch
 from fastdistill.engine import distributed as dist
 from fastdistill.recipes.lgm import LGMRecipe
-from fastdistill.run import compose
+from fastdistill.config import compose
 
 args, out = json.loads(sys.argv[1]), sys.argv[2]
 dist.init(torch.device("cpu"))
@@ -111,7 +111,7 @@ import json, sys
 import torch
 from fastdistill.engine import distributed as dist
 from fastdistill.recipes.lgm import LGMRecipe
-from fastdistill.run import compose
+from fastdistill.config import compose
 
 args, out = json.loads(sys.argv[1]), sys.argv[2]
 dist.init(torch.device("cpu"))

@@ -6,7 +6,8 @@ import torch
 
 from fastdistill.models import create_backbone
 from fastdistill.recipes.lgm import LGMRecipe, activation_mib_per_view
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 # (backbone id, constructor kwargs): a ResNet, a ViT (16 px views, 4 px patches) and an EfficientNet
 FAMILIES = [("timm:test_resnet", {}), ("timm:test_vit", {"img_size": 16, "patch_size": 4}),

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from fastdistill.losses.mae import mae_loss
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import MAEDecoder, MAEModel, mae_encode, patchify, random_masking, unpatchify
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 VIT = {"img_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 SMALL = ["+method=teacher", "preset=smoke", "model=timm:resnet18", "data.train_per_class=60", "method.epochs=2",
          "method.batch_size=50", "progress=false", "checkpoint_every=7"]
