@@ -28,12 +28,12 @@ from torch.utils.checkpoint import checkpoint
 from fastdistill.kernels._utils import dispatch, dot_settings, dtype_reason
 from fastdistill.losses import attention_kl as _reference
 
-# Query and key tile edges (tl.dot needs >= 16). 64 x 64 fp32 score tiles for two sides fit the registers of one
-# program with head dims up to 128; the tests lower them to 16 so the interpreter crosses several masked blocks.
+# Largest query and key tile edges (tl.dot needs >= 16); _launch_settings halves them for 128-wide heads and for fp32.
+# The tests lower them to 16 so the interpreter crosses several masked blocks.
 _BLOCK_M = 64
 _BLOCK_N = 64
-# Head dims 129-256 need 262-410 KB of shared memory for the pipelined key tiles of both sides at these tiles (sm_90
-# allows 227 KB per block); every ViT of the methods has 64. Above the cap the blockwise torch form runs.
+# Head dims 129-256 need 262-410 KB of shared memory for the pipelined key tiles of both sides even at 32 x 32 tiles
+# (sm_90 allows 227 KB per block); every ViT of the methods has 64. Above the cap the blockwise torch form runs.
 _MAX_HEAD_DIM = 128
 # rows of (rows, L) scores per block of the torch form: 64 x 1025 x 4 B x 2 sides x B H = 0.5 MiB per (image, head)
 _TORCH_BLOCK = 64
@@ -234,12 +234,16 @@ def _attention_kl_bwd_dk_kernel(
              mask=(cols < n_tokens)[:, None] & dim_mask[None, :])
 
 
-def _launch_settings(n_tokens: int, dim_t: int, dim_s: int) -> dict:
+def _launch_settings(n_tokens: int, dim_t: int, dim_s: int, dtype: torch.dtype) -> dict:
+    """Tiles and warps per head dim and dtype, checked ahead of time for sm_80 and sm_90 by
+    ``benchmarks/kernels_aot.py``: 128-wide heads take 32 x 32 score tiles (64 x 64 ones need 229-361 KB of shared
+    memory in fp32), and fp32's three-product (tf32x3) dots take 8 warps (4 spill)."""
     blocks = {name: max(16, triton.next_power_of_2(d)) for name, d in (("BLOCK_DT", dim_t), ("BLOCK_DS", dim_s))}
-    tile = max(16, min(triton.next_power_of_2(n_tokens), _BLOCK_M)), max(16, min(triton.next_power_of_2(n_tokens),
-                                                                                  _BLOCK_N))
-    num_warps = 8 if max(blocks.values()) >= 128 else 4
-    return {"BLOCK_M": tile[0], "BLOCK_N": tile[1], **blocks, "num_warps": num_warps}
+    wide = max(blocks.values()) >= 128
+    edge = 64 >> (wide + (dtype == torch.float32))
+    edge = max(16, min(triton.next_power_of_2(n_tokens), edge))
+    num_warps = 8 if wide else 4
+    return {"BLOCK_M": min(edge, _BLOCK_M), "BLOCK_N": min(edge, _BLOCK_N), **blocks, "num_warps": num_warps}
 
 
 def attention_kl_fwd(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float):
@@ -247,7 +251,7 @@ def attention_kl_fwd(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float):
     b, h, n_tokens, dim_t = q_t.shape
     dim_s = q_s.shape[-1]
     kl, lse_t, lse_s = (torch.empty(b * h * n_tokens, device=q_t.device, dtype=torch.float32) for _ in range(3))
-    settings = _launch_settings(n_tokens, dim_t, dim_s)
+    settings = _launch_settings(n_tokens, dim_t, dim_s, q_s.dtype)
     grid = (triton.cdiv(n_tokens, settings["BLOCK_M"]), b * h)
     # scales pinned to python floats (fp32 in the kernel); the dot inputs keep the input dtype
     _attention_kl_fwd_kernel[grid](q_t, k_t, q_s, k_s, kl, lse_t, lse_s, n_tokens, dim_t, dim_s, float(scale_t),
@@ -261,7 +265,7 @@ def attention_kl_bwd(q_t, k_t, q_s, k_s, lse_t, lse_s, scale_t: float, scale_s: 
     where not needed."""
     b, h, n_tokens, dim_t = q_t.shape
     dim_s = q_s.shape[-1]
-    settings = _launch_settings(n_tokens, dim_t, dim_s)
+    settings = _launch_settings(n_tokens, dim_t, dim_s, q_s.dtype)
     args = (q_t, k_t, q_s, k_s, lse_t, lse_s)
     go = grad_output.detach().reshape(()).to(torch.float32).contiguous()
     scalars = (n_tokens, dim_t, dim_s, float(scale_t), float(scale_s), 1.0 / (b * h * n_tokens))

@@ -296,8 +296,13 @@ def _grad_cosine_bwd_kernel(
              mask=row_mask[:, None] & dim_mask[None, :])
 
 
-def _tile(n: int) -> int:
-    return max(16, min(triton.next_power_of_2(n), _TILE_CAP))
+def _tile(n: int, cap: int | None = None) -> int:
+    return max(16, min(triton.next_power_of_2(n), cap or _TILE_CAP))
+
+
+def _dot_launch(dtype: torch.dtype) -> dict:
+    """Warps of the tile kernels: fp32's three-product (tf32x3) dots spill at 4 (``benchmarks/kernels_aot.py``)."""
+    return {"num_warps": 8 if dtype == torch.float32 else 4}
 
 
 def _row_settings(n_rows: int, n_classes: int) -> tuple[int, int, int]:
@@ -314,7 +319,8 @@ def _error(feats, labels, weight, bias):
     err = torch.empty((n, c), dtype=torch.float32, device=feats.device)
     _grad_cosine_logits_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
         feats, weight, bias, weight, bias, err, err, n, c, d,
-        MIX=False, **dot_settings(feats.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        MIX=False, **dot_settings(feats.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+        **_dot_launch(feats.dtype),
     )
     row_n, row_c, row_warps = _row_settings(n, c)
     _grad_cosine_softmax_fwd_kernel[(triton.cdiv(n, row_n),)](
@@ -331,7 +337,9 @@ def _head_grad(feats, labels, weight, bias, real=None, inv_n=None):
     """
     n, d = feats.shape
     c = weight.shape[0]
-    block_n, block_c, block_d = _tile(n), _tile(c), _tile(d)
+    # fp32 sums over N in half-width steps: the tf32x3 operand splits spill at 64 on sm_80 (kernels_aot.py)
+    block_n = _tile(n, _TILE_CAP // 2 if feats.dtype == torch.float32 else None)
+    block_c, block_d = _tile(c), _tile(d)
     err = _error(feats, labels, weight, bias)
     g = torch.empty((c, d), dtype=torch.float32, device=feats.device)
     g_b = torch.empty((c,), dtype=torch.float32, device=feats.device)
@@ -343,7 +351,7 @@ def _head_grad(feats, labels, weight, bias, real=None, inv_n=None):
     _grad_cosine_head_kernel[grid](
         feats, err, g, g_b, g_r, gb_r, parts if parts is not None else g_b, n, c, d,
         1.0 / n if inv_n is None else inv_n, HAS_REAL=real is not None, **dot_settings(feats.dtype),
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, **_dot_launch(feats.dtype),
     )
     return err, g, g_b, parts
 
@@ -362,16 +370,19 @@ def _feature_grad(f, labels, w, err, adjoint, mix, coef, num_views):
     q = torch.empty_like(err)
     _grad_cosine_logits_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
         f, m_w, m_b, r_w, r_b, coef, q, n, c, d,
-        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, **_dot_launch(f.dtype),
     )
     row_n, row_c, row_warps = _row_settings(n, c)
     _grad_cosine_softmax_bwd_kernel[(triton.cdiv(n, row_n),)](
         err, q, labels, n, c, BLOCK_N=row_n, BLOCK_C=row_c, num_warps=row_warps,
     )
     grad = torch.empty((n, d), dtype=torch.float32, device=f.device)
+    # two dots per step over C: narrower steps (half, fp32 a quarter) keep both operand pairs within sm_80's shared
+    # memory and registers (kernels_aot.py)
+    step_c = _tile(c, _TILE_CAP // (4 if f.dtype == torch.float32 else 2))
     _grad_cosine_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
         err, q, m_w, r_w, w, coef, grad, n, c, d, 1.0 / num_views,
-        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        MIX=mix, **dot, BLOCK_N=block_n, BLOCK_C=step_c, BLOCK_D=block_d, **_dot_launch(f.dtype),
     )
     return grad
 
