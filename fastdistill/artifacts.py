@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill.engine import distributed as dist
+from fastdistill.engine.metric_log import MetricLog
 
 
 @contextmanager
@@ -79,24 +80,48 @@ def main_rank_only(write):
 
 
 class RunDir:
-    """The output folder of one run. Its writes happen on rank 0 only (a per-rank file goes through ``/``)."""
+    """The output folder of one run. Its writes happen on rank 0 only (a per-rank file goes through ``/``).
+
+    It also keeps the run's metric history (``engine/metric_log.py``): opened by :meth:`write_config` with the
+    run's ``logger`` and ``resume``, fed by :meth:`log`, and closed with the final metrics when ``metrics.json``
+    is written, so ``metrics.jsonl`` always ends with what ``metrics.json`` holds.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.history: MetricLog | None = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     @main_rank_only
     def write_json(self, name: str, obj) -> Path:
-        return write_json(self.path / name, obj)
+        path = write_json(self.path / name, obj)
+        if name == "metrics.json" and self.history is not None:
+            self.history.final(obj)
+        return path
 
     @main_rank_only
     def write_config(self, cfg: DictConfig) -> Path:
         with atomic_path(self.path / "config.yaml") as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if self.history is None:
+            self.history = MetricLog(self.path, cfg.get("logger", "jsonl"), resume=bool(cfg.get("resume", False)),
+                                     config=OmegaConf.to_container(cfg, resolve=True))
         return self.path / "config.yaml"
+
+    @main_rank_only
+    def log(self, phase: str, step: int, **values) -> None:
+        """One record of the metric history (nothing before :meth:`write_config`, e.g. in a bare test recipe)."""
+        if self.history is not None:
+            self.history.log(phase, step, **values)
+
+    @main_rank_only
+    def rewind(self, phase: str, step: int) -> None:
+        """On resume: drop the history after ``step`` of ``phase`` (:meth:`MetricLog.rewind`)."""
+        if self.history is not None:
+            self.history.rewind(phase, step)
 
     @main_rank_only
     def write_manifest(self, cfg: DictConfig, device: torch.device, **extra) -> Path:

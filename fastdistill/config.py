@@ -126,9 +126,11 @@ def check_common(cfg: DictConfig) -> None:
     """The keys every method shares, checked before any work."""
     from fastdistill.data import LOADERS
     from fastdistill.engine.device import resolve_device
+    from fastdistill.engine.metric_log import check_logger
     from fastdistill.engine.precision import PRECISIONS
 
     check_types(cfg)
+    check_logger(cfg.get("logger", "jsonl"))
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; expected one of {', '.join(PRECISIONS)}")
     if cfg.loader not in LOADERS:

@@ -20,9 +20,12 @@ def train_epochs(run, name: str, step: Callable[[torch.Tensor, torch.Tensor, int
     the epoch in progress) and ``save_checkpoint(epoch)`` (``epoch``: the next to run, or the one in progress for
     a mid-epoch checkpoint). ``step(x, y, epoch)`` makes one optimiser step and returns its loss. The epoch's mean
     loss is read once per epoch (one device sync) and a non-finite one stops the run, naming ``loss_name``;
-    ``log(epoch)`` adds keys to the epoch's history entry. A checkpoint is written every ``cfg.checkpoint_every``
+    ``log(epoch)`` adds keys to the epoch's history entry, which also goes to the run's metric history
+    (``run.out``, a RunDir) with the last step's learning rate. A checkpoint is written every ``cfg.checkpoint_every``
     steps and after every epoch."""
     every = run.cfg.checkpoint_every
+    if run.step:
+        run.out.rewind("train", run.epoch - 1)  # the epochs before the checkpoint stay; the rest is logged again
     with console.progress(run.cfg.progress) as bar, run.profiler.phase("train"):
         task = bar.add_task(f"{name} {run.cfg.model}", total=len(run.lr), completed=run.step, info="")
         for epoch in range(run.epoch, run.cfg.method.epochs):
@@ -41,6 +44,7 @@ def train_epochs(run, name: str, step: Callable[[torch.Tensor, torch.Tensor, int
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"non-finite {loss_name} at epoch {epoch}, step {run.step}")
             run.history.append({"epoch": epoch, "train_loss": mean_loss, **(log(epoch) if log else {})})
+            run.out.log("train", epoch, **run.history[-1], lr=run.lr[run.step - 1])
             bar.update(task, info=f"loss {mean_loss:.3f}")
             run.epoch = epoch + 1
             run.save_checkpoint(run.epoch)

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from fastdistill.api import run
 from fastdistill.config import compose
+from fastdistill.engine.metric_log import read_history
 
 SMALL = ["+method=teacher", "preset=smoke", "model=timm:resnet18", "data.train_per_class=60", "method.epochs=2",
          "method.batch_size=50", "progress=false", "checkpoint_every=7"]
@@ -59,6 +60,12 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     ma = json.loads((full / "metrics.json").read_text())
     mb = json.loads((tmp_path / "broken" / "metrics.json").read_text())
     assert ma["history"] == mb["history"] and ma["test_acc"] == mb["test_acc"]
+    # the metric history: one record per epoch, as in the unbroken run, then the final metrics
+    ha, hb = (read_history(d / "metrics.jsonl") for d in (full, tmp_path / "broken"))
+    train = [[{k: v for k, v in r.items() if k != "time"} for r in h if r["phase"] == "train"] for h in (ha, hb)]
+    assert [r["step"] for r in train[1]] == [0, 1] and train[0] == train[1], f"resumed history {train[1]}"
+    assert hb[-1]["phase"] == "final" and hb[-1]["metrics"] == mb, "the last line must be metrics.json"
+    assert (tmp_path / "broken" / "curves.png").is_file()
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
