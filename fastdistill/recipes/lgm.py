@@ -531,6 +531,8 @@ class LGMRecipe:
                         raise FloatingPointError(f"non-finite LGM loss at step {self.step} (mean of the last "
                                                  f"{self.loss_count} steps)")
                     self.history.append({"step": self.step, "loss": mean, "levels": len(self.levels)})
+                    self.out.log("distill", self.step, loss=mean, levels=len(self.levels),
+                                 lr=self.optimizer.param_groups[0]["lr"])
                     bar.update(task, info=f"loss {mean:.4f}")
                     self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
                 if every and self.step % every == 0 and self.step < m.iterations:
@@ -576,6 +578,7 @@ class LGMRecipe:
         self.precision.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
         self.loss_sum, self.loss_count = state["loss_sum"].to(self.device), state["loss_count"]
+        self.out.rewind("distill", self.step)  # the steps after the checkpoint are logged again
 
     def save(self, ev: dict) -> dict:
         cfg = self.cfg

@@ -12,6 +12,7 @@ from fastdistill.recipes import lgm
 from fastdistill.recipes.lgm import LGMRecipe, augment, decode, encode, pyramid_sizes
 from fastdistill.api import run
 from fastdistill.config import compose
+from fastdistill.engine.metric_log import read_history
 
 # two tiny random-init backbones of different families; the evaluator is a third architecture
 TINY = ["+method=lgm", "preset=smoke", "method.backbones=[timm:test_resnet,timm:test_efficientnet]",
@@ -25,7 +26,9 @@ def _cfg(tmp_path, name, *extra):
 
 
 def _recipe(tmp_path, name, *extra):
-    recipe = LGMRecipe(_cfg(tmp_path, name, *extra))
+    cfg = _cfg(tmp_path, name, *extra)
+    recipe = LGMRecipe(cfg)
+    recipe.out.write_config(cfg)  # as main() does: opens the run's metric history
     recipe.setup()
     return recipe
 
@@ -138,6 +141,28 @@ def test_resume_equals_unbroken_run(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg="resumed pyramid levels")
     torch.testing.assert_close(resumed.images(), full.images(), rtol=0, atol=0, msg="resumed synthetic images")
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_a_kill_between_checkpoints_leaves_one_continuous_metric_history(tmp_path, monkeypatch):
+    extra = ["checkpoint_every=3", "method.iterations=7", "method.log_every=1"]
+    full = _recipe(tmp_path, "full", *extra)
+    full.train()
+    broken = _recipe(tmp_path, "broken", *extra)
+    step = broken.distill_step
+
+    def die_at_step_5(*args):
+        if broken.step == 5:  # steps 4 and 5 are logged after the checkpoint of step 3, then redone on resume
+            raise KeyboardInterrupt
+        return step(*args)
+
+    monkeypatch.setattr(broken, "distill_step", die_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        broken.train()
+    assert [r["step"] for r in read_history(tmp_path / "broken" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    _recipe(tmp_path, "broken", *extra, "resume=true").train()
+    logged = [[(r["step"], r["loss"]) for r in read_history(tmp_path / d / "metrics.jsonl")] for d in ("full", "broken")]
+    assert [s for s, _ in logged[1]] == list(range(1, 8)), f"resumed history {logged[1]}"
+    assert logged[1] == logged[0], "the resumed run's history differs from the unbroken run's"
 
 
 def test_linear_probe_beats_chance_on_real_digits():
