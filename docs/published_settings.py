@@ -52,6 +52,12 @@ def render(table: dict) -> str:
     for method, entry in table.items():
         counts = [sum(row["status"] == s for row in entry["keys"].values()) for s in STATUSES]
         out.append(f"| {method} | {len(entry['keys'])} | " + " | ".join(map(str, counts)) + " |")
+    out.append("\nThe work list: every row not yet matched, keyed or not.\n")
+    for method, entry in table.items():
+        rows = [(f"`{k}`", r) for k, r in entry["keys"].items()] + [(r["what"], r) for r in entry.get("unkeyed", [])]
+        for what, row in rows:
+            if row["status"] == "not yet matched":
+                out.append(f"- {method}, {what}: {row['note']} ({row.get('source') or 'no source'})")
     for method, entry in table.items():
         out.append(f"\n## {method}\n")
         out.append(f"Published: {entry['published']}. Code: `{entry['code']}`.\n")
