@@ -3,17 +3,18 @@ name real. The table records where each published value comes from; these tests 
 from __future__ import annotations
 
 import importlib.util
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fastdistill.config import compose, options
+from fastdistill.config import CONFIG_MODULE, compose, options
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = yaml.safe_load((ROOT / "docs" / "published_settings.yaml").read_text())
-PRESETS = ROOT / "fastdistill" / "configs" / "presets"
+PRESETS = Path(str(resources.files(CONFIG_MODULE) / "presets"))  # the installed configs, as compose reads them
 PAPER_METHODS = [m for m in options("method") if (PRESETS / m / "paper.yaml").is_file()]
 STATUSES = {"same", "differs", "not yet matched", "own", "unverified"}
 
