@@ -44,7 +44,7 @@ def train_epochs(run, name: str, step: Callable[[torch.Tensor, torch.Tensor, int
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"non-finite {loss_name} at epoch {epoch}, step {run.step}")
             run.history.append({"epoch": epoch, "train_loss": mean_loss, **(log(epoch) if log else {})})
-            run.out.log("train", epoch, **run.history[-1], lr=run.lr[run.step - 1])
+            run.out.log("train", epoch, **{"lr": run.lr[run.step - 1], **run.history[-1]})
             bar.update(task, info=f"loss {mean_loss:.3f}")
             run.epoch = epoch + 1
             run.save_checkpoint(run.epoch)

@@ -31,11 +31,21 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_grad: float | None = None, params=None) -> None:
-        """Unscale, optionally clip, step and update the scale."""
+    def step(self, optimizer: torch.optim.Optimizer, clip_grad: float | None = None, params=None,
+             clip_scope: str = "global") -> None:
+        """Unscale, optionally clip, step and update the scale.
+
+        ``clip_scope``: ``global`` clips the norm of all gradients together (torch's clip_grad_norm_); ``tensor``
+        clips each parameter tensor's gradient to ``clip_grad`` on its own, as the published DINO code does.
+        """
         if clip_grad:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if clip_scope == "global":
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            elif clip_scope == "tensor":
+                clip_each_tensor(params, clip_grad)
+            else:
+                raise ValueError(f"unknown clip scope {clip_scope!r}; expected global or tensor")
         self.scaler.step(optimizer)
         self.scaler.update()
 
@@ -45,3 +55,16 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.scaler.load_state_dict(state)
+
+
+@torch.no_grad()
+def clip_each_tensor(params, max_norm: float, eps: float = 1e-6) -> None:
+    """Scale each parameter's gradient down to L2 norm ``max_norm`` where it is larger (DINO's per-tensor clipping;
+    the eps keeps a zero gradient finite). Non-finite gradients are left for the scaler to skip."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    scales = (max_norm / (norms + eps)).clamp(max=1.0)
+    for g, scale in zip(grads, scales):
+        g.mul_(scale.to(g.dtype))

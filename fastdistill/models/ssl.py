@@ -126,6 +126,32 @@ def mae_encode(vit: VisionTransformer, x: torch.Tensor, ids_keep: torch.Tensor) 
     return vit.norm(vit.blocks(vit.norm_pre(torch.cat([tokens[:, :p], visible], dim=1))))
 
 
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """(rows * cols, dim) fixed 2-D sine-cosine position embedding of a patch grid, row-major (He et al. 2022, as
+    their code orders it): the first dim / 2 channels encode the column, the last dim / 2 the row, each half as
+    [sin(p w_i), cos(p w_i)] over the frequencies w_i = 10000^(-i / (dim / 4)), i < dim / 4."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([axis(cols), axis(rows)], dim=1).float()
+
+
+def fix_sincos(pos_embed: nn.Parameter, grid: tuple[int, int]) -> None:
+    """Overwrite a (1, [prefix +] rows * cols, D) position embedding with the fixed 2-D sin-cos one and freeze it;
+    the patch rows are the last ones, prefix tokens (where embedded) get zeros, as published."""
+    with torch.no_grad():
+        pos_embed.zero_()
+        pos_embed[0, pos_embed.shape[1] - grid[0] * grid[1]:] = sincos_2d(grid, pos_embed.shape[-1])
+    pos_embed.requires_grad_(False)
+
+
 class MAEDecoder(nn.Module):
     """The light MAE decoder: embed the encoder tokens, insert a shared mask token at every masked position,
     add position embeddings, a few transformer blocks, predict the p * p * C pixels of every patch."""
@@ -157,10 +183,16 @@ class MAEDecoder(nn.Module):
 class MAEModel(nn.Module):
     """Encoder (a factory ViT) + decoder; ``forward(x, ids_keep, ids_restore)`` predicts every patch."""
 
-    def __init__(self, backbone: Backbone, decoder: MAEDecoder):
+    def __init__(self, backbone: Backbone, decoder: MAEDecoder, pos_embed: str = "learned"):
         super().__init__()
         self.backbone, self.decoder = backbone, decoder
         self.vit = check_vit(backbone, "MAE")
+        if pos_embed == "sincos":  # fixed in encoder and decoder, as published (He et al. 2022, A.1)
+            grid = tuple(self.vit.patch_embed.grid_size)
+            fix_sincos(self.vit.pos_embed, grid)
+            fix_sincos(decoder.pos_embed, grid)
+        elif pos_embed != "learned":
+            raise ValueError(f"unknown MAE position embedding {pos_embed!r}; expected learned or sincos")
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x: [0, 1] images (N, C, H, W) -> (N, L, p * p * C) pixel predictions."""

@@ -24,6 +24,7 @@ import copy
 
 import torch
 from hydra.utils import instantiate
+from timm.layers import DropPath
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill import console
@@ -105,6 +106,9 @@ class DINORecipe:
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        for layer in self.teacher.modules():  # stochastic depth regularises the student only (Caron et al. 2021)
+            if isinstance(layer, DropPath):
+                layer.drop_prob = 0.0
         # under torchrun the student is a DDP replica (DDP starts every rank from rank 0's weights); the EMA teacher
         # follows identical students, so it stays identical too
         self.forward_student = maybe_compile(dist.wrap_ddp(self.student, self.device), cfg.compile, self.device)
@@ -168,7 +172,8 @@ class DINORecipe:
         if epoch < m.freeze_last_layer:  # the prototypes stay fixed while the rest settles (Caron et al.)
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
-        self.precision.step(self.optimizer, m.clip_grad, self.student.parameters())
+        self.precision.step(self.optimizer, m.clip_grad, list(self.student.parameters()),
+                            m.get("clip_grad_scope", "global"))
         ema_update(self.teacher, self.student, float(self.momentum[self.step]))
         return loss
 

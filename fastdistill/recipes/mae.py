@@ -76,7 +76,7 @@ class MAERecipe:
         self.channels = self.train_set.channels  # the target is the data's own pixels (1 channel for digits)
         decoder = MAEDecoder(backbone.spec.feature_dim, self.num_patches, self.patch_size ** 2 * self.channels,
                              vit.num_prefix_tokens, int(m.decoder.dim), int(m.decoder.depth), int(m.decoder.num_heads))
-        self.model = MAEModel(backbone, decoder).to(self.device)
+        self.model = MAEModel(backbone, decoder, m.get("pos_embed", "learned")).to(self.device)
         # under torchrun a DDP replica; the other ranks draw other crops and masks, rank 0 the one-process ones
         self.forward = maybe_compile(dist.wrap_ddp(self.model, self.device), cfg.compile, self.device)
         if dist.rank():

@@ -67,3 +67,23 @@ def test_device_and_compile_choices():
     assert not should_compile("auto", torch.device("cpu")) and should_compile("auto", torch.device("cuda"))
     with pytest.raises(ValueError, match="compile must be"):
         should_compile("sometimes", torch.device("cpu"))
+
+
+def test_per_tensor_clipping_scales_each_gradient_on_its_own():
+    # DINO's published clipping: each parameter's gradient to norm 3, not the norm of all gradients together
+    from fastdistill.engine.precision import clip_each_tensor
+
+    big, small = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
+    big.grad, small.grad = torch.tensor([6.0, 0.0, 0.0, 0.0]), torch.tensor([0.6, 0.8, 0.0])
+    clip_each_tensor([big, small], 3.0)
+    torch.testing.assert_close(big.grad, torch.tensor([3.0, 0.0, 0.0, 0.0]), msg="norm 6 -> 3")
+    torch.testing.assert_close(small.grad, torch.tensor([0.6, 0.8, 0.0]), msg="norm 1 stays")
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.tensor([3.0, 4.0])
+    precision = Precision("fp32", torch.device("cpu"))
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    precision.step(optimizer, 5.0, params, clip_scope="global")  # global norm sqrt(50) > 5: both scaled
+    torch.testing.assert_close(params[0].grad, torch.tensor([3.0, 4.0]) * 5 / 50**0.5)
+    with pytest.raises(ValueError, match="unknown clip scope 'layer'; expected global or tensor"):
+        precision.step(optimizer, 5.0, params, clip_scope="layer")

@@ -152,3 +152,20 @@ def test_dino_resumes_exactly(tmp_path, monkeypatch):
 def test_bad_dino_config_is_one_line(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         _run(tmp_path, "bad", *extra)
+
+
+def test_stochastic_depth_regularises_the_student_only(tmp_path):
+    from timm.layers import DropPath
+
+    from fastdistill.recipes.dino import DINORecipe
+
+    recipe = DINORecipe(compose([*SMALL, "+method.model_kwargs.drop_path_rate=0.1", "method.clip_grad_scope=tensor",
+                                 f"out={tmp_path / 'run'}"]))
+    recipe.setup()
+    rates = {name: [m.drop_prob for m in net.modules() if isinstance(m, DropPath)]
+             for name, net in (("student", recipe.student), ("teacher", recipe.teacher))}
+    assert rates["student"] and all(r > 0 for r in rates["student"]), f"student drop-path rates {rates['student']}"
+    assert rates["teacher"] and all(r == 0 for r in rates["teacher"]), f"teacher drop-path rates {rates['teacher']}"
+    x = [torch.rand(3, 1, 28, 28)]
+    recipe.teacher.train()
+    torch.testing.assert_close(recipe.teacher(x), recipe.teacher(x), msg="the teacher is deterministic in train mode")

@@ -149,3 +149,32 @@ def test_mae_resumes_exactly(tmp_path, monkeypatch):
 def test_bad_mae_config_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="method.mask_ratio must be in"):
         _run(tmp_path, "bad", "method.mask_ratio=1.0")
+
+
+def test_sincos_position_embedding_matches_its_formula_and_is_fixed():
+    import math
+
+    from fastdistill.models.ssl import sincos_2d
+
+    rows, cols, dim = 3, 4, 8
+    table = sincos_2d((rows, cols), dim)
+    for r in range(rows):
+        for c in range(cols):
+            # written out per element: [sin(c w_i)..., cos(c w_i)..., sin(r w_i)..., cos(r w_i)...], w_i = 1e4^(-i/2)
+            freqs = [10000 ** (-i / (dim // 4)) for i in range(dim // 4)]
+            expected = ([math.sin(c * w) for w in freqs] + [math.cos(c * w) for w in freqs]
+                        + [math.sin(r * w) for w in freqs] + [math.cos(r * w) for w in freqs])
+            torch.testing.assert_close(table[r * cols + c], torch.tensor(expected, dtype=torch.float32),
+                                       msg=f"patch ({r}, {c})")
+    backbone = create_backbone("timm:vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1,
+                               num_heads=2)
+    decoder = MAEDecoder(16, 16, 16, dim=8, depth=1, num_heads=2)
+    model = MAEModel(backbone, decoder, pos_embed="sincos")
+    for name, pos in (("encoder", model.vit.pos_embed), ("decoder", decoder.pos_embed)):
+        assert not pos.requires_grad, f"the {name} position embedding must be fixed"
+        torch.testing.assert_close(pos[0, -16:], sincos_2d((4, 4), pos.shape[-1]), msg=f"{name} embedding")
+        assert pos[0, :-16].abs().sum() == 0, f"the {name}'s class-token position is zero, as published"
+    ids_keep, _, ids_restore = random_masking(2, 16, 0.75)
+    assert model(torch.rand(2, 3, 16, 16), ids_keep, ids_restore).shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="unknown MAE position embedding 'rope'"):
+        MAEModel(backbone, decoder, pos_embed="rope")
