@@ -94,7 +94,11 @@ class TorchLoader:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][:len(self)]
         parts = [shard(len(b), self.rank, self.world_size) for b in batches]
-        batches = [b[p.start:p.stop] for b, p in zip(batches, parts)][start:]
+        yield from self.iterate([b[p.start:p.stop] for b, p in zip(batches, parts)][start:], epoch)
+
+    def iterate(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The given batches (int64 index tensors) in order, through the same workers: for callers that draw their
+        own order (the student and probe trainers keep the generator stream they always had)."""
         if self.dataset.images is not None:
             for idx in batches:
                 yield self.dataset.images[idx], self.dataset.labels[idx]
@@ -102,7 +106,7 @@ class TorchLoader:
         if not batches:
             return
         if self._loader is None:
-            workers = min(self.num_workers, len(self) * self.world_size)
+            workers = min(self.num_workers, max(len(self), len(batches)))
             self._sampler = _EpochBatches()
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, persistent_workers=workers > 0,
