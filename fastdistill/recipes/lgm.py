@@ -36,12 +36,13 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastdistill import console
-from fastdistill.artifacts import RunDir
-from fastdistill.data import build_dataset
+from fastdistill.artifacts import RunDir, to_uint8
+from fastdistill.data import ImageDataset, build_dataset
 from fastdistill.data.transforms import to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
+from fastdistill.engine.memory import available_mib
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import grad_cosine_loss, linear_head_grad
@@ -175,9 +176,7 @@ def memory_budget_mib(device: torch.device) -> float:
     available memory on CPU (pass 1's features, the decode and the allocator need the rest)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
-    with open("/proc/meminfo") as f:
-        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    return available_kib / 1024 / 4
+    return available_mib() / 4
 
 
 def auto_chunk_size(backbones: list[Backbone], size: tuple[int, int], precision: Precision,
@@ -317,7 +316,7 @@ class LGMRecipe:
         if m.init == "real":
             if real is None:
                 idx = self.train_set.per_class(self.cfg.ipc, torch.Generator().manual_seed(self.cfg.seed))
-                real = to_input(self.train_set.load_all()[idx], self.image_size, self.channels)
+                real = to_input(self.train_set.take(idx), self.image_size, self.channels)
             self.base = encode(real.to(self.device))
         self.levels = [self._new_level(self.sizes[0], count=1)]
         self._reset_optimizer()
@@ -351,10 +350,7 @@ class LGMRecipe:
         """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size; all n
         indices are drawn (the same stream on every rank), only ``rows`` of them are loaded."""
         idx = torch.randint(len(self.real_labels), (n,))[rows]
-        if self.train_set.images is not None:
-            x = self.train_set.images[idx]
-        else:  # image folders: decode only the drawn files
-            x = torch.stack([self.train_set[i][0] for i in idx.tolist()])
+        x = self.train_set.take(idx)  # image folders: only the drawn files are decoded
         x = to_input(x.to(self.device, non_blocking=True), self.image_size, self.channels)
         return x, self.real_labels[idx].to(self.device)
 
@@ -553,8 +549,10 @@ class LGMRecipe:
         cfg = self.cfg
         with self.profiler.phase("evaluate"):
             evaluator, self.evaluator_card = load_evaluator(cfg, self.classes)
-            return linear_probe_eval(evaluator, self.final_images(), self.labels, self.train_set, self.test_set,
-                                     cfg.eval, cfg.seed, self.hflip, self.device, self.precision)
+            synthetic = ImageDataset(labels=self.labels, classes=self.classes, images=to_uint8(self.final_images()),
+                                     name="distilled")
+            return linear_probe_eval(evaluator, synthetic, self.train_set, self.test_set, cfg.eval, cfg.seed,
+                                     self.hflip, self.device, self.precision, cfg.num_workers, cfg.progress)
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:
