@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from importlib import resources
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fastdistill import console
 from fastdistill.console import fail
 from fastdistill.engine import distributed
 from fastdistill.engine.device import resolve_device
@@ -96,7 +94,6 @@ def run(cfg: DictConfig):
     if distributed.world_size() > 1:
         cfg.out = distributed.all_gather_object(cfg.out)[0]  # rank 0's time stamp: one folder for all ranks
         cfg.device = str(device)
-    console.note(f"+method={cfg.method.name}: writing to {Path(cfg.out).expanduser().resolve()}")
     try:
         return get_recipe(cfg.method.name).main(cfg)
     finally:

@@ -101,6 +101,8 @@ class FADRMRecipe:
         with self.profiler.phase("teachers"):
             teachers, self.teacher_cards = self._load_teachers()
         self.prepare_recovery(teachers, tuple(self.train_set.image_size), self.train_set.channels, self.num_classes)
+        if self.init == "patches":
+            self.check_candidates()
         if dist.is_main():
             console.note(f"{cfg.method.variant}: {self.n_images} images in {len(self.batches)} batches of up to "
                          f"{cfg.method.batch_size}, written to {self.out.path / 'distilled'}")
@@ -188,6 +190,16 @@ class FADRMRecipe:
                                  mode="bilinear", align_corners=False)
         return best
 
+    def check_candidates(self) -> None:
+        """One line, before any work, when a class has fewer candidate images than its patches need."""
+        m = self.cfg.method
+        need = self.cfg.ipc * m.patches_per_side ** 2
+        counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).clamp(max=m.candidates_per_class)
+        if int(counts.min()) < need:
+            c = int(counts.argmin())
+            raise ValueError(f"class {self.classes[c]!r}: {int(counts[c])} candidate images for {need} patches "
+                             f"(ipc x patches_per_side^2); raise method.candidates_per_class or lower ipc")
+
     @torch.no_grad()
     def select_patches(self) -> list[dict]:
         """RDED-style selection (Sun et al. 2024): for every class, ``crops_per_image`` random-resized crops of
@@ -208,10 +220,6 @@ class FADRMRecipe:
         plan = []  # per class: (candidate indices, generator state before its crops)
         for c in range(self.num_classes):
             idx = self.train_set.class_index(c)
-            if min(idx.numel(), m.candidates_per_class) < need:
-                raise ValueError(f"class {self.classes[c]!r}: {min(idx.numel(), m.candidates_per_class)} candidate "
-                                 f"images for {need} patches (ipc x patches_per_side^2); raise "
-                                 f"method.candidates_per_class or lower ipc")
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
             plan.append((idx, g.get_state()))
             for _ in range(m.crops_per_image):

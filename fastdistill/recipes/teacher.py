@@ -161,6 +161,8 @@ class TeacherRecipe:
         # network: DDP gives every rank rank 0's initial weights
         self.model = create_backbone(cfg.model, pretrained=m.pretrained, num_classes=self.train_set.num_classes,
                                      **m.model_kwargs).to(self.device)
+        console.note(f"teacher: training {cfg.model} on {cfg.data.name} ({len(self.train_set)} images); writing to "
+                     f"{self.out.path}")
         if dist.rank():  # the other ranks draw other augmentations; rank 0 keeps the one-process stream
             seed_everything(cfg.seed + dist.rank())
         spec = self.model.spec

@@ -97,3 +97,21 @@ def test_teacher_crops_files_as_it_decodes(folder, tmp_path):
     assert not recipe.crop_on_device and recipe.loader.dataset.train_crop is not None
     recipe.train()
     assert len(recipe.history) == 1 and torch.isfinite(torch.tensor(recipe.history[0]["train_loss"]))
+
+
+@pytest.mark.slow
+def test_rehearsal_memory_is_flat_in_images_per_class(tmp_path):
+    # the benchmark at a tenth of its size: 100 classes, 2 and 6 JPEGs per class; it exits 1 when peak memory grows
+    # by more than 15 % with k or passes its ceiling
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scale_rehearsal.py"
+    r = subprocess.run([sys.executable, str(script), "--classes", "100", "--ks", "2", "6", "--root", str(tmp_path),
+                        "--out", str(tmp_path / "results"), "--loader-batches", "2"],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "scale_rehearsal_cpu.json").read_text())
+    growth = record["rows"][-1]["growth"]
+    assert all(v <= 1.15 for g in growth.values() for v in g.values()), growth
