@@ -75,7 +75,8 @@ def recovery_closure(provider: str, args, device: torch.device, out_dir: str):
         precision = "fp16" if device.type == "cuda" else "bf16"
     cfg = compose(["+method=fadrm", f"device={device.type}", f"precision={precision}", "ipc=1", "progress=false",
                    f"out={out_dir}/{provider}", f"method.stage_sizes=[{','.join(map(str, sizes))}]",
-                   f"method.stage_iterations={args.iterations}", f"method.roll={max(1, full // 8)}"])
+                   f"method.stage_iterations={args.iterations}", f"method.roll={max(1, full // 8)}",
+                   f"method.batch_size={args.classes}"])
     recipe = FADRMRecipe(cfg)
     torch.manual_seed(0)
     teacher = create_backbone(f"timm:{args.arch}", pretrained="none", num_classes=args.classes).freeze()
@@ -85,14 +86,13 @@ def recovery_closure(provider: str, args, device: torch.device, out_dir: str):
             tap.remove()
         tap = PublishedBNTap if provider == "eager" else NoBNTap
         recipe.taps = [tap(t, cfg.method.first_bn_multiplier) for t in recipe.teachers]
-    recipe.patches = torch.rand(args.classes, 3, full, full)
-    index = torch.arange(args.classes)
+    patches = torch.rand(args.classes, 3, full, full)
     bar = console.progress(False)
     task = bar.add_task("", total=None, info="")
 
     def fn():
         recipe.history = {}
-        return recipe.recover_batch(0, index, bar, task)
+        return recipe.recover_batch(0, patches, bar, task)
     return fn
 
 

@@ -29,7 +29,7 @@ from benchmarks._harness import print_table, write_results  # noqa: E402
 
 WORKLOADS = {
     # the teacher cache is shared by the runs: the first run trains the smoke teacher FADRM recovers from
-    "fadrm": (["+method=fadrm", "preset=smoke", "ipc=8", "method.ipc_per_batch=1", "method.stage_sizes=[24,28]",
+    "fadrm": (["+method=fadrm", "preset=smoke", "ipc=8", "method.stage_sizes=[24,28]",
                "method.stage_iterations=20", "method.eval.students=[]", "method.eval.real_random=false",
                "checkpoint_every=0"], "recover"),
     "teacher": (["+method=teacher", "preset=smoke", "method.cache=false", "checkpoint_every=0"], "train"),

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastdistill.artifacts import read_distilled
 from fastdistill.config import check_common, compose
+from fastdistill.data import ImageDataset
 from fastdistill.engine import distributed
 from fastdistill.engine.device import resolve_device
 from fastdistill.recipes import get_recipe
@@ -86,32 +88,31 @@ def evaluate(distilled: str | Path, **options) -> RunResult:
 
 
 class DistilledSet(torch.utils.data.Dataset):
-    """A saved distilled set: ``images`` (N, C, H, W) float in [0, 1], ``labels`` (N,) int64, ``soft_labels``
-    (N, classes) float32 teacher logits where the run stored them (``method.relabel=store``), else None, and
-    ``classes`` in the run's class order. Items are ``(image, label)`` or ``(image, label, soft_label)``."""
+    """A saved distilled set, read from its PNGs on access: items are ``(image, label)`` or, where the run stored
+    teacher logits (``method.relabel=store``), ``(image, label, soft_label)``; images (C, H, W) float in [0, 1],
+    soft labels (classes,) float32 logits. ``labels`` (N,) and ``classes`` (the run's class order) are attributes.
+    """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-                 soft_labels: torch.Tensor | None = None):
-        self.images, self.labels, self.classes, self.soft_labels = images, labels, classes, soft_labels
+    def __init__(self, images: ImageDataset, soft_labels: torch.Tensor | None = None):
+        self.images, self.soft_labels = images, soft_labels
+        self.labels, self.classes = images.labels, images.classes
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.images)
 
     def __getitem__(self, i: int):
-        if self.soft_labels is None:
-            return self.images[i], self.labels[i]
-        return self.images[i], self.labels[i], self.soft_labels[i]
+        image, label = self.images[i]
+        image = image.float() / 255
+        return (image, label) if self.soft_labels is None else (image, label, self.soft_labels[i])
 
 
 def load_distilled(path: str | Path) -> DistilledSet:
     """The distilled set of a run folder (``distilled/<class>/*.png``, ``manifest.json``, ``labels.safetensors``).
 
     Raises:
-        FileNotFoundError: no run folder, no manifest or no images.
+        FileNotFoundError: no run folder, no manifest or no images. ValueError: no class order in the manifest.
     """
     from PIL import Image
-
-    from fastdistill.recipes.evaluate import read_distilled
 
     root = Path(path).expanduser()
     manifest = root / "manifest.json"
@@ -125,13 +126,13 @@ def load_distilled(path: str | Path) -> DistilledSet:
         raise FileNotFoundError(f"'{path}' holds no distilled/<class>/*.png images")
     with Image.open(first) as image:
         channels = 1 if image.mode in ("L", "I;16") else 3
-    images, labels = read_distilled(root, classes, channels)
+    images = read_distilled(root, classes, channels)
     soft = None
     if (root / "labels.safetensors").is_file():
         from safetensors.torch import load_file
 
         stored = load_file(str(root / "labels.safetensors"))
-        # stored in the run's own order (class-major, as the PNGs are read back)
+        # stored in the run's own order; the PNGs come back class-major, each class in its saved order
         order = torch.argsort(stored["labels"], stable=True)
         soft = stored["logits"][order].float()
-    return DistilledSet(images, labels, classes, soft)
+    return DistilledSet(images, soft)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastdistill.data.dataset import ImageDataset
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.metric_log import MetricLog
 
@@ -149,16 +150,24 @@ class RunDir:
     @main_rank_only
     def save_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                     folder: str = "distilled") -> Path:
-        """[0, 1] images (N, C, H, W) as ImageFolder PNGs ``folder/<class>/<index>.png`` (rounded, not
-        truncated, to uint8: the published FADRM code truncates)."""
+        """[0, 1] images (N, C, H, W) as ImageFolder PNGs ``folder/<class>/<index>.png``, numbered per class in
+        order."""
+        counts: dict[int, int] = {}
+        numbers = []
+        for y in labels.tolist():
+            numbers.append(counts.get(y, 0))
+            counts[y] = numbers[-1] + 1
+        return self.write_images(images, labels, numbers, classes, folder)
+
+    def write_images(self, images: torch.Tensor, labels: torch.Tensor, numbers: list[int], classes: list[str],
+                     folder: str = "distilled") -> Path:
+        """[0, 1] images (N, C, H, W) as ``folder/<class>/<number>.png``, each file atomic (rounded, not truncated,
+        to uint8: the published FADRM code truncates). Any rank may call it for the images it owns."""
         from PIL import Image
 
         root = self.path / folder
-        counts: dict[int, int] = {}
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        for img, y in zip(pixels, labels.tolist()):
-            k = counts.get(y, 0)
-            counts[y] = k + 1
+        pixels = to_uint8(images)
+        for img, y, k in zip(pixels, labels.tolist(), numbers):
             arr = img.permute(1, 2, 0).numpy()
             pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             with atomic_path(root / _safe(classes[y]) / f"{k:05d}.png") as tmp:
@@ -173,6 +182,41 @@ class RunDir:
         with atomic_path(self.path / name) as tmp:
             save_image(images.detach().float().clamp(0, 1).cpu(), str(tmp), nrow=nrow, padding=2, format="png")
         return self.path / name
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images -> uint8 on the CPU, rounded: the pixels a saved set holds."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def read_distilled(path: str | Path, classes: list[str], channels: int) -> ImageDataset:
+    """A saved distilled set (a run folder or its ``distilled/``: ``<class>/<number>.png``) as a dataset read from
+    disk on access, class-major; its images are used as stored (no resize, no crop)."""
+    root = Path(path).expanduser()
+    if (root / "distilled").is_dir():
+        root = root / "distilled"
+    if not root.is_dir():
+        raise FileNotFoundError(f"distilled '{path}' is not a folder; pass a run folder holding distilled/<class>/*.png")
+    folders = {p.name: p for p in root.iterdir() if p.is_dir()}
+    index = {_safe(c): i for i, c in enumerate(classes)}
+    unknown = sorted(set(folders) - set(index))
+    if unknown:
+        raise ValueError(f"distilled '{root}' has class folders {unknown[:5]} that the dataset does not have "
+                         f"(classes {list(classes)[:5]}...); evaluate with the data= the set was distilled from")
+    files = sorted((index[name], f) for name, folder in folders.items() for f in folder.glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"distilled '{root}' holds no <class>/*.png images")
+    from PIL import Image
+
+    with Image.open(files[0][1]) as first:
+        size = (first.height, first.width)
+    labels = torch.tensor([c for c, _ in files], dtype=torch.int64)
+    counts = torch.bincount(labels, minlength=len(classes))
+    if int(counts.min()) == 0:
+        missing = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
+        raise ValueError(f"distilled '{root}' has no images for classes {missing[:5]}; every class needs at least one")
+    return ImageDataset(labels=labels, classes=list(classes), paths=[f for _, f in files], image_size=size,
+                        channels=channels, name="distilled")
 
 
 def _safe(name: str) -> str:

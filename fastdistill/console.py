@@ -22,6 +22,12 @@ def progress(enabled: bool = True) -> Progress:
                     console=_err, disable=not enabled or not dist.is_main(), transient=False)
 
 
+def note(message: str) -> None:
+    """One line on stderr from rank 0: where a run writes, before its long work starts."""
+    if dist.is_main():
+        _err.print(message, highlight=False, soft_wrap=True)
+
+
 def print_results(title: str, columns: list[str], rows: list[list], out_dir) -> None:
     """The short results table every run ends with, then the path of its output folder."""
     if not dist.is_main():

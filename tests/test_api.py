@@ -32,7 +32,7 @@ def test_api_and_command_line_write_the_same_metrics(tmp_path):
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert _comparable(cli) == _comparable(result.metrics), "the API and the command line disagree"
     distilled = fastdistill.load_distilled(result.out)
-    assert len(distilled) == 10 and distilled.images.shape == (10, 1, 28, 28)
+    assert len(distilled) == 10 and distilled[0][0].shape == (1, 28, 28) and distilled[0][0].dtype == torch.float32
     assert distilled.classes == [str(i) for i in range(10)] and distilled.labels.tolist() == list(range(10))
     loader = torch.utils.data.DataLoader(distilled, batch_size=4)
     assert sum(len(x) for x, _ in loader) == 10

@@ -250,7 +250,6 @@ def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]]
             raise ValueError(f"'{gen.folder}' has images made from real:{outside[0]} (and {len(outside) - 1} more), "
                              f"which is not among the student's real images: it would leak real data")
         return out
-    real = train.load_all()[real_ids]
     labels = train.labels[real_ids]
     key = generation_key(mode=mode, pipeline=str(Path(str(gen.pipeline)).expanduser().resolve()) if gen.pipeline
                          else None, prompts=prompts, multiplier=gen.multiplier, strength=gen.strength, steps=gen.steps,
@@ -266,7 +265,7 @@ def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]]
         out = generate_cls2img(pipe, prompts, per_class, size, channels, gen.steps, gen.guidance, res, seed,
                                gen.batch_size)
     else:
-        out = generate_img2img(pipe, real, labels, real_ids, prompts, gen.multiplier, gen.strength, size, channels,
+        out = generate_img2img(pipe, train.take(real_ids), labels, real_ids, prompts, gen.multiplier, gen.strength, size, channels,
                                gen.steps, gen.guidance, res, seed, gen.batch_size)
     write_folder(root, out.images, out.labels, out.sources, train.classes,
                  {"made_by": mode, "pipeline": str(gen.pipeline), "strength": gen.strength, "steps": gen.steps})
@@ -320,7 +319,7 @@ def _main(argv=None) -> None:
         ids = real_subset(train, args.real_per_class, args.seed)
     else:
         ids = torch.arange(len(train))
-    real = train.load_all()[ids]
+    real = train.take(ids)
     images, rows = augment_images(real, args.per_image, args.seed)
     root = write_folder(args.out, images, train.labels[ids][rows], [f"{REAL}{int(ids[r])}" for r in rows],
                         train.classes, {"made_by": "augment_images", "data": OmegaConf.to_container(cfg.data)})

@@ -1,7 +1,12 @@
 """``data=imagefolder data.root=DIR``: torchvision-style class folders under ``DIR/train`` and ``DIR/test``.
 
 Without ``DIR/test`` (or with class folders directly under ``DIR``) a seeded, stratified split holds out
-``data.test_fraction`` of every class. Images are resized to ``data.image_size`` when read.
+``data.test_fraction`` of every class. Files are decoded as ``data/dataset.py`` says: shorter side to
+``image_size / crop_pct`` and a centre crop (evaluation), a random-resized-crop on the whole image (training).
+
+``data.cache``: ``true`` decodes both splits into memory at start (fast epochs; a corrupt file fails at once),
+``false`` streams every split from disk, ``auto`` decodes only when both decoded splits fit in a quarter of the
+host's available memory (``MemAvailable``) and streams otherwise: ImageNet-1k at 224 px would be about 193 GB.
 """
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from omegaconf import DictConfig
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.registry import register_dataset
+from fastdistill.engine.memory import available_mib
 
+CACHE = (True, False, "auto")
+CACHE_FRACTION = 0.25  # of MemAvailable: the rest is for models, activations, loader workers and the page cache
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -44,24 +52,34 @@ def build_imagefolder(cfg: DictConfig) -> dict[str, ImageDataset]:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root '{root}' is not a directory")
+    cache = cfg.get("cache", "auto")
+    if cache not in CACHE:
+        raise ValueError(f"data.cache must be true, false or auto, got {cache!r}")
     size = (int(cfg.image_size), int(cfg.image_size))
-    channels = int(cfg.get("channels", 3))
+    common = {"image_size": size, "channels": int(cfg.get("channels", 3)), "crop_pct": float(cfg.get("crop_pct", 1.0))}
     train_dir = root / "train" if (root / "train").is_dir() else root
     paths, labels, classes = scan_folder(train_dir)
     if len(classes) < 2:
         # every method trains or probes a classifier on the labels: one class makes its loss 0 from the start
         raise ValueError(f"data.root '{root}' has {len(classes)} class folder ({classes[0]!r}); a classifier needs "
                          f"at least 2 classes, one folder each")
-    train = ImageDataset(labels=labels, classes=classes, paths=paths, image_size=size, channels=channels)
+    train = ImageDataset(labels=labels, classes=classes, paths=paths, **common)
     if (root / "test").is_dir():
         tpaths, tlabels, _ = scan_folder(root / "test", classes)
-        test = ImageDataset(labels=tlabels, classes=classes, paths=tpaths, image_size=size, channels=channels)
+        test = ImageDataset(labels=tlabels, classes=classes, paths=tpaths, **common)
     else:
         train, test = stratified_split(train, float(cfg.test_fraction), int(cfg.split_seed))
-    if cfg.get("cache", True):  # decode once: every later epoch reads memory, and a corrupt file fails now
-        train.load_all()
+    if should_cache(cache, train.decoded_bytes() + test.decoded_bytes()):
+        train.load_all()  # decode once: every later epoch reads memory, and a corrupt file fails now
         test.load_all()
     return {"train": train, "test": test}
+
+
+def should_cache(cache, decoded_bytes: int) -> bool:
+    """``data.cache`` resolved: auto decodes when the decoded splits fit CACHE_FRACTION of the available memory."""
+    if cache == "auto":
+        return decoded_bytes / 2**20 <= CACHE_FRACTION * available_mib()
+    return bool(cache)
 
 
 def stratified_split(ds: ImageDataset, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:

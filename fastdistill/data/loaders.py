@@ -3,12 +3,18 @@
 The batch order of an epoch is a function of (seed, epoch) alone, so a resumed run replays exactly the
 batches an unbroken run would have seen (``epoch(e, start=k)`` skips the first k batches).
 
+Decoded splits are indexed directly; splits on disk are read by a ``DataLoader`` with worker processes
+(``num_workers: auto`` = the CPU cores this process may use), pinned memory on CUDA, and workers kept alive across
+epochs. A dataset decoding for training (``ImageDataset.train_view``) gets one seed per sample from (seed, epoch,
+sample): its crops are the same whatever the number of workers.
+
 Under torchrun ``batch_size`` is the global batch: every rank walks the same batches and keeps its slice of
 each (``rank``, ``world_size``), so the samples of a step, and the learning rate defined for them, do not
 depend on the number of processes.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Protocol
 
 import torch
@@ -39,6 +45,29 @@ def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -
     return full + (not drop_last and rest >= world_size)
 
 
+def resolve_workers(num_workers) -> int:
+    """``num_workers``: an integer >= 0, or ``auto`` = the CPU cores this process may use (its affinity mask)."""
+    if num_workers == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 or auto, got {num_workers!r}")
+    return num_workers
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batch sampler of a persistent ``DataLoader``: it yields whatever batches the current epoch set (the
+    sampler runs in the main process, so setting them between epochs reaches the live workers)."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def check_world(batch_size: int, world_size: int) -> None:
     if batch_size < world_size:
         raise ValueError(f"batch size {batch_size} is smaller than the {world_size} processes: every rank needs "
@@ -46,16 +75,17 @@ def check_world(batch_size: int, world_size: int) -> None:
 
 
 class TorchLoader:
-    """Plain PyTorch: direct indexing of decoded images, or a ``DataLoader`` over files with workers."""
+    """Plain PyTorch: direct indexing of decoded images, or a persistent ``DataLoader`` over files with workers."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         check_world(batch_size, world_size)
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
+        self.drop_last, self.seed, self.num_workers = drop_last, seed, resolve_workers(num_workers)
         self.rank, self.world_size = rank, world_size
+        self._loader = None  # built at the first epoch over files
 
     def __len__(self) -> int:
         return num_batches(len(self.dataset), self.batch_size, self.drop_last, self.world_size)
@@ -64,14 +94,29 @@ class TorchLoader:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][:len(self)]
         parts = [shard(len(b), self.rank, self.world_size) for b in batches]
-        batches = [b[p.start:p.stop] for b, p in zip(batches, parts)][start:]
+        yield from self.iterate([b[p.start:p.stop] for b, p in zip(batches, parts)][start:], epoch)
+
+    def iterate(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The given batches (int64 index tensors) in order, through the same workers: for callers that draw their
+        own order (the student and probe trainers keep the generator stream they always had)."""
         if self.dataset.images is not None:
             for idx in batches:
                 yield self.dataset.images[idx], self.dataset.labels[idx]
             return
-        dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
-                                         num_workers=self.num_workers, persistent_workers=False)
-        yield from dl
+        if not batches:
+            return
+        if self._loader is None:
+            workers = min(self.num_workers, max(len(self), len(batches)))
+            self._sampler = _EpochBatches()
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=workers, persistent_workers=workers > 0,
+                pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+        if self.dataset.train_crop is not None:  # one crop seed per (seed, epoch, sample)
+            base = (self.seed * 1_000_003 + epoch) * 10_000_019
+            self._sampler.batches = [[(int(i), base + int(i)) for i in b] for b in batches]
+        else:
+            self._sampler.batches = [b.tolist() for b in batches]
+        yield from self._loader
 
 
 class RankSlice:
@@ -93,7 +138,7 @@ class RankSlice:
 
 
 def build_loader(name: str, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Loader:
+                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1) -> Loader:
     """The loader ``name`` over ``dataset``, yielding this rank's slice of each global batch; optional loaders
     fail with the extra to install."""
     if name == "torch":
@@ -104,5 +149,5 @@ def build_loader(name: str, dataset: ImageDataset, batch_size: int, shuffle: boo
         from fastdistill.data.dali_loader import DALILoader as cls
     else:
         raise ValueError(f"unknown loader {name!r}; expected one of {', '.join(LOADERS)}")
-    loader = cls(dataset, batch_size, shuffle, drop_last, seed, num_workers)
+    loader = cls(dataset, batch_size, shuffle, drop_last, seed, resolve_workers(num_workers))
     return loader if world_size == 1 else RankSlice(loader, rank, world_size)

@@ -32,8 +32,15 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0
     Every window lies inside the image: the published LGM augmentation lets about 14 % of windows leave
     it and pads zeros (METHODS.md), which this clamps away.
     """
-    n = x.shape[0] if per_sample else 1
-    dev = x.device
+    theta = crop_windows(x.shape[0] if per_sample else 1, scale, ratio, generator)
+    return apply_windows(x, theta.expand(x.shape[0], 2, 3), size)
+
+
+def crop_windows(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` random-resized-crop windows as ``affine_grid`` maps, float32 (n, 2, 3) on the CPU: area ``scale`` of
+    the image, aspect ``ratio`` (log-uniform), placed inside it. A window is data: FADRM records the ones it
+    selects and re-applies them to the source image later (:func:`apply_windows`)."""
     area = torch.empty(n, device="cpu").uniform_(scale[0], scale[1], generator=generator)
     log_r = torch.empty(n, device="cpu").uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     r = log_r.exp()
@@ -44,8 +51,12 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    theta = theta.expand(x.shape[0], 2, 3)
-    grid = F.affine_grid(theta.to(dev, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
+    return theta
+
+
+def apply_windows(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The windows ``theta`` (N, 2, 3) of the images ``x`` (N, C, H, W), resampled to ``size`` (bilinear)."""
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

@@ -150,7 +150,7 @@ def sample_images(dataset: ImageDataset, n: int) -> torch.Tensor:
     per_class = [(dataset.labels == c).nonzero().flatten() for c in range(dataset.num_classes)]
     idx = [int(per_class[i % len(per_class)][i // len(per_class)]) for i in range(n)
            if i // len(per_class) < len(per_class[i % len(per_class)])]
-    return dataset.load_all()[torch.tensor(idx, dtype=torch.int64)]
+    return dataset.take(torch.tensor(idx, dtype=torch.int64))
 
 
 def write_attention_report(out: RunDir, models: dict[str, Backbone], test_set: ImageDataset, a: DictConfig,
@@ -164,8 +164,8 @@ def write_attention_report(out: RunDir, models: dict[str, Backbone], test_set: I
         raise ValueError(f"attention.images and attention.distance_images must be >= 1, got {a.images!r}, "
                          f"{a.distance_images!r}")
     images = sample_images(test_set, int(a.images))
-    dist_images = test_set.load_all()[torch.linspace(0, len(test_set) - 1, min(int(a.distance_images), len(test_set)))
-                                      .round().long()]
+    dist_images = test_set.take(torch.linspace(0, len(test_set) - 1, min(int(a.distance_images), len(test_set)))
+                                .round().long())
     distances, result = {}, {}
     for name, backbone in models.items():
         backbone = backbone.to(device).eval()

@@ -48,15 +48,15 @@ def probe_accuracy(backbone: Backbone, train_set: ImageDataset, test_set: ImageD
     """Test accuracy in [0, 1] of the ``p.kind`` probe on ``backbone``'s frozen features."""
     was_training = backbone.training
     backbone.eval()
-    test_feats = embed_all(backbone, test_set.load_all(), image_size, device, precision)
+    test_feats = embed_all(backbone, test_set, image_size, device, precision)
     if p.kind == "knn":
-        train_feats = embed_all(backbone, train_set.load_all(), image_size, device, precision)
+        train_feats = embed_all(backbone, train_set, image_size, device, precision)
         pred = knn_predict(train_feats, train_set.labels, test_feats, train_set.num_classes, p.k, p.temperature)
         acc = (pred.cpu() == test_set.labels).float().mean().item()
     else:
         cfg = ProbeConfig(epochs=int(p.epochs), lr=float(p.lr), max_batch_size=int(p.batch_size),
                           crop_scale=tuple(p.crop_scale), hflip=bool(p.hflip), image_size=tuple(image_size))
-        acc = train_probe(backbone, train_set.load_all(), train_set.labels, test_feats, test_set.labels,
-                          train_set.num_classes, cfg, cfg.epochs, seed, device, precision)
+        acc = train_probe(backbone, train_set, test_feats, test_set.labels, train_set.num_classes, cfg, cfg.epochs,
+                          seed, device, precision)
     backbone.train(was_training)
     return acc

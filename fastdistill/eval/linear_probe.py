@@ -7,6 +7,9 @@ lr ``1e-3 * B / 256`` (B the global batch, never divided by a device count, a de
 cosine schedule per step, batch ``B = min(100, N)``, random-resized-crop + flip on every batch, the final epoch's
 test accuracy (no selection on the test set), ``runs`` seeds -> mean +- std. Real and synthetic images take the
 same path: [0, 1] pixels -> the same crop -> the backbone's own normalisation.
+
+Every set is a dataset read batch by batch through the loader (features of the test split, the probe's training
+batches): nothing holds a whole split, so the full-data row works on an image folder of any size.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from fastdistill import console
 from fastdistill.data.dataset import ImageDataset
+from fastdistill.data.loaders import TorchLoader
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
@@ -73,22 +78,34 @@ def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]
 
 
 @torch.no_grad()
-def embed_all(backbone: Backbone, images: torch.Tensor, image_size: tuple[int, int], device: torch.device,
-              precision: Precision, batch_size: int = 256) -> torch.Tensor:
-    """fp32 features (N, D) of uint8 or [0, 1] images (N, C, H, W) resized to ``image_size`` (no crop)."""
+def embed_all(backbone: Backbone, dataset: ImageDataset, image_size: tuple[int, int], device: torch.device,
+              precision: Precision, batch_size: int = 256, like: tuple[tuple[int, int], int] | None = None,
+              num_workers="auto", progress: bool = False) -> torch.Tensor:
+    """fp32 features (N, D) of every image of ``dataset``, in order, resized to ``image_size`` (no crop), batch by
+    batch through the loader. ``like`` = (size, channels) first brings the images to another set's size and
+    channels (real images probed next to a synthetic set)."""
     out = []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size].to(device), image_size)
-        with precision.autocast():
-            out.append(backbone.embed(x).float())
+    loader = TorchLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    with console.progress(progress) as bar:
+        task = bar.add_task("features", total=len(loader), info="")
+        for x, _ in loader.epoch(0):
+            x = x.to(device, non_blocking=True)
+            if like is not None:
+                x = to_input(x, *like)
+            x = to_input(x, image_size)
+            with precision.autocast():
+                out.append(backbone.embed(x).float())
+            bar.update(task, advance=1)
     return torch.cat(out)
 
 
-def train_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, test_feats: torch.Tensor,
-                test_labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, epochs: int, seed: int,
-                device: torch.device, precision: Precision) -> float:
-    """Train a fresh linear head on augmented features of ``images`` ([0, 1] or uint8 (N, C, H, W)) for
-    ``epochs``; return the final test accuracy in [0, 1] on precomputed ``test_feats`` (N_test, D).
+def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.Tensor, test_labels: torch.Tensor,
+                num_classes: int, cfg: ProbeConfig, epochs: int, seed: int, device: torch.device,
+                precision: Precision, like: tuple[tuple[int, int], int] | None = None, num_workers="auto",
+                progress: bool = False, description: str = "linear probe") -> float:
+    """Train a fresh linear head on augmented features of ``train_set`` (read batch by batch through the loader;
+    ``like`` as in :func:`embed_all`) for ``epochs``; return the final test accuracy in [0, 1] on precomputed
+    ``test_feats`` (N_test, D).
 
     Under torchrun the head is a DDP replica; every rank draws the same global batch and augmentation and embeds
     its slice, the loss is scaled so that the averaged gradient is the one-process batch mean."""
@@ -101,32 +118,34 @@ def train_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
         head.bias.copy_((torch.rand(num_classes, generator=g) * 2 - 1).mul_(bound))
     head = head.to(device)
     net, world = dist.wrap_ddp(head, device), dist.world_size()
-    n = images.shape[0]
+    n = len(train_set)
     batch = min(cfg.max_batch_size, n)
     starts = range(0, n - world + 1, batch)  # a last batch without a sample per rank is left out
     lr = cosine_schedule(cfg.lr * batch / 256, 0.0, epochs * len(starts))
     opt = torch.optim.Adam(head.parameters(), lr=float(lr[0]))
-    x_all = to_input(images.to(device))
-    y_all = labels.to(device)
+    loader = TorchLoader(train_set, batch, shuffle=False, num_workers=num_workers)
     step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g).to(device)
-        for i in starts:
-            idx = order[i:i + batch]
-            x = random_resized_crop(x_all[idx], cfg.image_size, scale=cfg.crop_scale, generator=g)
-            if cfg.hflip:
-                x = random_hflip(x, generator=g)
-            part = dist.shard(len(idx))
-            with torch.no_grad(), precision.autocast():
-                f = backbone.embed(x[part.start:part.stop]).float()
-            # this rank's sum over the global batch, times the ranks DDP averages over: the batch mean
-            loss = F.cross_entropy(net(f), y_all[idx][part.start:part.stop], reduction="sum") * (world / len(idx))
-            for group in opt.param_groups:
-                group["lr"] = float(lr[step])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    with console.progress(progress) as bar:
+        task = bar.add_task(description, total=epochs * len(starts), info="")
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=g)
+            for x, y in loader.iterate([order[i:i + batch] for i in starts], epoch):
+                x = to_input(x.to(device, non_blocking=True), *(like or (None, x.shape[1])))
+                x = random_resized_crop(x, cfg.image_size, scale=cfg.crop_scale, generator=g)
+                if cfg.hflip:
+                    x = random_hflip(x, generator=g)
+                part = dist.shard(len(y))
+                with torch.no_grad(), precision.autocast():
+                    f = backbone.embed(x[part.start:part.stop]).float()
+                # this rank's sum over the global batch, times the ranks DDP averages over: the batch mean
+                loss = F.cross_entropy(net(f), y[part.start:part.stop].to(device), reduction="sum") * (world / len(y))
+                for group in opt.param_groups:
+                    group["lr"] = float(lr[step])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(task, advance=1)
     with torch.no_grad():
         pred = head(test_feats).argmax(1)
     return (pred.cpu() == test_labels.cpu()).float().mean().item()
@@ -138,24 +157,22 @@ def probe_config(e: DictConfig, image_size: tuple[int, int], hflip: bool) -> Pro
                        crop_scale=tuple(e.crop_scale), hflip=hflip, image_size=size)
 
 
-def linear_probe_eval(backbone: Backbone, synthetic: torch.Tensor, synthetic_labels: torch.Tensor,
-                      train_set: ImageDataset, test_set: ImageDataset, e: DictConfig, seed: int, hflip: bool,
-                      device: torch.device, precision: Precision) -> dict:
+def linear_probe_eval(backbone: Backbone, synthetic: ImageDataset, train_set: ImageDataset, test_set: ImageDataset,
+                      e: DictConfig, seed: int, hflip: bool, device: torch.device, precision: Precision,
+                      num_workers="auto", progress: bool = False) -> dict:
     """The three rows of the LGM table: ``{"backbone", "synthetic", "real_random", "full"}``, each
     ``{"mean", "std", "runs"}`` of test accuracy over ``e.runs`` seeds.
 
-    ``synthetic``: [0, 1] images (N, C, H, W) class-major; real images are brought to the same size and channels
-    by :func:`to_input` before the common pipeline. Random real images are redrawn every run (ipc per class).
+    ``synthetic``: the distilled set (class-major); real images are brought to its size and channels by
+    :func:`to_input` before the common pipeline. Random real images are redrawn every run (ipc per class).
     """
     backbone = backbone.to(device).eval()
-    size = tuple(synthetic.shape[-2:])
-    pcfg = probe_config(e, size, hflip)
-    channels = synthetic.shape[1]
-    test_feats = embed_all(backbone, to_input(test_set.load_all(), size, channels), pcfg.image_size, device,
-                           precision)
+    like = (tuple(synthetic.image_size), synthetic.channels)
+    pcfg = probe_config(e, like[0], hflip)
+    common = {"device": device, "precision": precision, "num_workers": num_workers, "progress": progress}
+    test_feats = embed_all(backbone, test_set, pcfg.image_size, like=like, **common)
     num_classes = test_set.num_classes
-    ipc = max(1, synthetic.shape[0] // num_classes)
-    real_all = train_set.load_all()
+    ipc = max(1, len(synthetic) // num_classes)
     out = {"backbone": backbone.spec.name}
     rows = {"synthetic": []}
     if e.real_random:
@@ -164,17 +181,18 @@ def linear_probe_eval(backbone: Backbone, synthetic: torch.Tensor, synthetic_lab
         rows["full"] = []
     for r in range(e.runs):
         run_seed = seed + 1000 * r
-        rows["synthetic"].append(train_probe(backbone, synthetic, synthetic_labels, test_feats, test_set.labels,
-                                             num_classes, pcfg, pcfg.epochs, run_seed, device, precision))
+        rows["synthetic"].append(train_probe(backbone, synthetic, test_feats, test_set.labels, num_classes, pcfg,
+                                             pcfg.epochs, run_seed, description=f"probe synthetic, run {r}",
+                                             **common))
         if e.real_random:
-            idx = train_set.per_class(ipc, torch.Generator().manual_seed(run_seed))
-            real = to_input(real_all[idx], size, channels)
-            rows["real_random"].append(train_probe(backbone, real, train_set.labels[idx], test_feats, test_set.labels,
-                                                   num_classes, pcfg, pcfg.epochs, run_seed, device, precision))
+            real = train_set.subset(train_set.per_class(ipc, torch.Generator().manual_seed(run_seed)))
+            rows["real_random"].append(train_probe(backbone, real, test_feats, test_set.labels, num_classes, pcfg,
+                                                   pcfg.epochs, run_seed, like=like,
+                                                   description=f"probe random real, run {r}", **common))
         if e.full:
-            real = to_input(real_all, size, channels)
-            rows["full"].append(train_probe(backbone, real, train_set.labels, test_feats, test_set.labels,
-                                            num_classes, pcfg, int(e.full_epochs), run_seed, device, precision))
+            rows["full"].append(train_probe(backbone, train_set, test_feats, test_set.labels, num_classes, pcfg,
+                                            int(e.full_epochs), run_seed, like=like,
+                                            description=f"probe full data, run {r}", **common))
     for name, accs in rows.items():
         out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "runs": accs}

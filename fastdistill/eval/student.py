@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdistill import console
 from fastdistill.data.dataset import ImageDataset
-from fastdistill.data.transforms import random_hflip, random_resized_crop
+from fastdistill.data.loaders import TorchLoader
+from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
@@ -45,51 +47,58 @@ def teacher_logits(teachers: list[Backbone], x: torch.Tensor, precision: Precisi
         return torch.stack([t(x).float() for t in teachers]).mean(0)
 
 
-def train_student(arch: str, images: torch.Tensor, labels: torch.Tensor, teachers: list[Backbone],
-                  test_set: ImageDataset, image_size: tuple[int, int], cfg: StudentConfig, device: torch.device,
-                  precision: Precision, seed: int, model_kwargs: dict | None = None) -> dict:
-    """Train ``arch`` from scratch on [0, 1] ``images`` (N, C, H, W) with online soft labels; final test acc.
-
-    ``labels`` are only used for the report; the training signal is the teachers' soft labels.
-    """
+def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], test_set: ImageDataset,
+                  image_size: tuple[int, int], cfg: StudentConfig, device: torch.device, precision: Precision,
+                  seed: int, model_kwargs: dict | None = None, num_workers="auto", progress: bool = False,
+                  description: str = "student") -> dict:
+    """Train ``arch`` from scratch on ``train_set`` (a distilled set read from disk, or real images) with online
+    soft labels; final test accuracy. The images stream through the loader batch by batch; the set's own labels
+    are not used (the training signal is the teachers' soft labels)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     student = create_backbone(arch, num_classes=test_set.num_classes, **(model_kwargs or {})).to(device).train()
     net = dist.wrap_ddp(student, device)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n, world = images.shape[0], dist.world_size()
+    world = dist.world_size()
     if cfg.batch_size < world:
         raise ValueError(f"student batch size {cfg.batch_size} is smaller than the {world} processes")
-    starts = range(0, n - world + 1, cfg.batch_size)  # a last batch without a sample per rank is left out
+    # every rank reads the global batch and draws its augmentation, then keeps its slice; a last batch without a
+    # sample per rank is left out
+    loader = TorchLoader(train_set, cfg.batch_size, shuffle=False, num_workers=num_workers)
+    n = len(train_set)
+    starts = range(0, n - world + 1, cfg.batch_size)
     steps_per_epoch = len(starts)
     lr = cosine_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, cfg.epochs * steps_per_epoch)
-    images = images.to(device)
     t = cfg.temperature
     step, losses = 0, []
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=g)
-        epoch_loss = torch.zeros((), device=device)
-        for i in starts:
-            x = images[order[i:i + cfg.batch_size]]
-            x = random_resized_crop(x, image_size, scale=cfg.crop_scale, generator=g)
-            if cfg.hflip:
-                x = random_hflip(x, generator=g)
-            batch, part = len(x), dist.shard(len(x))
-            x = x[part.start:part.stop]
-            soft = teacher_logits(teachers, x, precision)
-            for group in opt.param_groups:
-                group["lr"] = float(lr[step])
-            with precision.autocast():
-                logits = net(x)
-            # this rank's sum over the global batch size, times the ranks DDP averages over: the batch mean
-            loss = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), reduction="sum",
-                            log_target=True) * (world / batch)
-            opt.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            precision.step(opt)
-            epoch_loss += loss.detach()
-            step += 1
-        dist.all_reduce(epoch_loss, "mean")
-        losses.append(epoch_loss.item() / steps_per_epoch)  # one sync per epoch
-    acc = accuracy(student, test_set, device, image_size, precision)
+    with console.progress(progress) as bar:
+        task = bar.add_task(description, total=cfg.epochs * steps_per_epoch, info="")
+        for epoch in range(cfg.epochs):
+            epoch_loss = torch.zeros((), device=device)
+            order = torch.randperm(n, generator=g)
+            for x, _ in loader.iterate([order[i:i + cfg.batch_size] for i in starts], epoch):
+                x = to_input(x.to(device, non_blocking=True), image_size, x.shape[1])
+                x = random_resized_crop(x, image_size, scale=cfg.crop_scale, generator=g)
+                if cfg.hflip:
+                    x = random_hflip(x, generator=g)
+                batch, part = len(x), dist.shard(len(x))
+                x = x[part.start:part.stop]
+                soft = teacher_logits(teachers, x, precision)
+                for group in opt.param_groups:
+                    group["lr"] = float(lr[step])
+                with precision.autocast():
+                    logits = net(x)
+                # this rank's sum over the global batch size, times the ranks DDP averages over: the batch mean
+                loss = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), reduction="sum",
+                                log_target=True) * (world / batch)
+                opt.zero_grad(set_to_none=True)
+                precision.backward(loss)
+                precision.step(opt)
+                epoch_loss += loss.detach()
+                step += 1
+                bar.update(task, advance=1)
+            dist.all_reduce(epoch_loss, "mean")
+            losses.append(epoch_loss.item() / steps_per_epoch)  # one sync per epoch
+            bar.update(task, info=f"loss {losses[-1]:.4f}")
+    acc = accuracy(student, test_set, device, image_size, precision, num_workers=num_workers, progress=progress)
     return {"test_acc": acc, "final_loss": losses[-1], "first_loss": losses[0]}

@@ -19,6 +19,7 @@ class Profiler:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.images: dict[str, int] = defaultdict(int)
+        self.rss: dict[str, float] = {}  # peak host RSS (MiB) of the process when the phase last ended
         self.start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -37,6 +38,7 @@ class Profiler:
                 torch.cuda.synchronize(self.device)
             self.seconds[name] += time.perf_counter() - t0
             self.images[name] += images
+            self.rss[name] = _peak_rss_mib()
 
     def add_images(self, name: str, n: int) -> None:
         self.images[name] += n
@@ -46,11 +48,17 @@ class Profiler:
             "device": str(self.device),
             "wall_s": time.perf_counter() - self.start,
             "phases": {k: {"s": v, "images": self.images.get(k, 0),
-                           "images_per_s": self.images.get(k, 0) / v if v > 0 and self.images.get(k) else None}
+                           "images_per_s": self.images.get(k, 0) / v if v > 0 and self.images.get(k) else None,
+                           "peak_host_rss_mib": self.rss.get(k)}
                        for k, v in self.seconds.items()},
-            "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_host_rss_mib": _peak_rss_mib(),
         }
         if self.device.type == "cuda":
             out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             out["cuda_device"] = torch.cuda.get_device_name(self.device)
         return out
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set of this process so far (``ru_maxrss`` is KiB on Linux); DataLoader workers not included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

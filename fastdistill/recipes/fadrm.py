@@ -1,8 +1,8 @@
 """FADRM and FADRM+ (``+method=fadrm``): Fast and Accurate Data Residual Matching (Cui et al. 2025,
 arXiv 2506.24125), with SRe2L and RDED-style baselines from the same code (``method.variant``).
 
-Synthetic images are recovered from a frozen BN teacher, batch by batch (one image per class per ipc
-index), minimising
+Synthetic images are recovered from a frozen BN teacher, batch by batch (``method.batch_size`` classes of one
+ipc index: published 100 at ImageNet-1k, all classes of a 10-class subset), minimising
 
     L = CE(teacher(A(x)), y) + r_bn * sum_l m_l (||var_l(A(x)) - running_var_l||_2 + ||mean_l - running_mean_l||_2)
 
@@ -14,14 +14,18 @@ flip per iteration for the whole batch plus a random roll, pixels clipped after 
 - MPT: ``precision=fp16`` (GPU) runs the teacher, logits and CE under autocast with a GradScaler; the BN
   statistics, their norms, the pixels and Adam's state stay fp32.
 - FADRM+: several teachers, one per iteration in round-robin; relabelling averages their logits.
-The set is judged by training students from scratch on it with the teachers' soft labels, next to the same
-number of random real images per class (``eval/student.py``).
+The set lives on disk, never whole in memory: every finished batch is written into ``distilled/<class>/<k>.png``
+(each file atomic; with ``relabel=store`` its soft labels into ``labels/<batch>.safetensors``), and a batch's
+starting patches are rebuilt from the few real images they were cropped from (the selection keeps only source
+indices and crop windows). The set is judged by training students from scratch on it, read back from disk
+through the data loader, with the teachers' soft labels, next to the same number of random real images per class
+(``eval/student.py``).
 
 Under torchrun the batches are divided among the ranks; every batch is seeded by its index alone, so K ranks
-recover the same set as one process. Each rank checkpoints its own batches; when all are done the set is
-gathered, the students train as DDP replicas, and rank 0 writes the artifacts.
+recover the same set as one process. Each rank writes and checkpoints its own batches; when all are done the
+students train as DDP replicas on the set read back from disk, and rank 0 writes the other artifacts.
 
-Keys that matter: ``ipc``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
+Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
 ``method.stage_iterations``, ``method.residual_alpha``, ``method.lr``, ``method.r_bn``.
 """
 from __future__ import annotations
@@ -33,9 +37,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill import console
-from fastdistill.artifacts import RunDir
+from fastdistill.artifacts import RunDir, read_distilled, to_uint8
 from fastdistill.data import build_dataset
-from fastdistill.data.transforms import random_resized_crop, to_input
+from fastdistill.data.transforms import apply_windows, crop_windows, random_resized_crop, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
@@ -60,13 +64,19 @@ class FADRMRecipe:
             raise ValueError(f"method.relabel must be online or store, got {m.relabel!r}")
         if not m.teachers:
             raise ValueError("method.teachers is empty; name at least one BN teacher, e.g. [timm:resnet18]")
+        if isinstance(m.teacher_calibration, bool) or not isinstance(m.teacher_calibration, int) \
+                or m.teacher_calibration < 0:
+            raise ValueError(f"method.teacher_calibration must be an integer >= 0 (batches), got "
+                             f"{m.teacher_calibration!r}")
         if not m.stage_sizes:
             raise ValueError("method.stage_sizes needs at least one stage")
         if not 0.0 <= m.residual_alpha <= 1.0:
             raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
-        if m.patches_per_side < 1 or m.ipc_per_batch < 1 or m.stage_iterations < 0:
-            raise ValueError("method.patches_per_side and method.ipc_per_batch must be >= 1, "
-                             "method.stage_iterations >= 0")
+        if m.patches_per_side < 1 or m.stage_iterations < 0:
+            raise ValueError("method.patches_per_side must be >= 1 and method.stage_iterations >= 0")
+        if isinstance(m.batch_size, bool) or not isinstance(m.batch_size, int) or m.batch_size < 1:
+            raise ValueError(f"method.batch_size must be an integer >= 1 (images per recovery batch, published 100), "
+                             f"got {m.batch_size!r}")
         weights = m.teacher_weights
         if not isinstance(weights, str) and len(weights) != len(m.teachers):
             raise ValueError(f"method.teacher_weights has {len(weights)} entries for {len(m.teachers)} teachers")
@@ -91,11 +101,16 @@ class FADRMRecipe:
         with self.profiler.phase("teachers"):
             teachers, self.teacher_cards = self._load_teachers()
         self.prepare_recovery(teachers, tuple(self.train_set.image_size), self.train_set.channels, self.num_classes)
+        if self.init == "patches":
+            self.check_candidates()
+        if dist.is_main():
+            console.note(f"{cfg.method.variant}: {self.n_images} images in {len(self.batches)} batches of up to "
+                         f"{cfg.method.batch_size}, written to {self.out.path / 'distilled'}")
         if cfg.resume:
             self.load_checkpoint()
         else:
             with self.profiler.phase("init", images=self.n_images):
-                self.patches = self.init_images()
+                self.selection = self.select_patches() if self.init == "patches" else None
 
     def prepare_recovery(self, teachers: list[Backbone], image_size: tuple[int, int], channels: int,
                          num_classes: int) -> None:
@@ -117,9 +132,12 @@ class FADRMRecipe:
         if m.variant == "sre2l":  # SRe2L: one resolution
             self.sizes = [self.image_size] * len(self.sizes)
         self.n_images = num_classes * cfg.ipc
-        self.images = torch.zeros(self.n_images, channels, *self.image_size)  # pixels [0, 1], class-major
-        self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
-        self.groups = [list(range(k, min(k + m.ipc_per_batch, cfg.ipc))) for k in range(0, cfg.ipc, m.ipc_per_batch)]
+        self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)  # of the class-major set
+        # a batch is (ipc index k, a run of at most batch_size classes); ipc-index-major as published
+        per = min(m.batch_size, num_classes)
+        self.batches = [(k, range(c, min(c + per, num_classes))) for k in range(cfg.ipc)
+                        for c in range(0, num_classes, per)]
+        self.selection = None  # per class: the source images and crop windows of its patches
         self.done: set[int] = set()  # recovered batches (of any rank, after a resume)
         self.history = {}  # batch -> recovery loss at its start and end
         self.inner = None  # state of the batch in progress (for mid-batch resume)
@@ -134,71 +152,121 @@ class FADRMRecipe:
         weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
         loaded = [teacher_recipe.frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes,
                                                  num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
+        if m.teacher_calibration:  # benchmarks: random weights, BN statistics measured on real batches
+            for k, (net, card) in enumerate(loaded):
+                teacher_recipe.calibrate_bn(net.to(self.device), self.train_set, int(m.teacher_calibration),
+                                            min(64, len(self.train_set)), tuple(self.train_set.image_size),
+                                            self.device, self.cfg.seed + k)
+                card["bn_calibration_batches"] = int(m.teacher_calibration)
         return [net for net, _ in loaded], [card for _, card in loaded]
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_images(self) -> torch.Tensor:
-        """P_s: selected real patches (RDED-style), or Gaussian noise for SRe2L; pixels (N, C, H, W)."""
+    def batch_patches(self, b: int) -> torch.Tensor:
+        """P_s of batch ``b``: its selected real patches (rebuilt from their source images), or Gaussian noise
+        for SRe2L (N(0, 1) in normalised space, one generator per image); pixels (n, C, H, W) on the device."""
+        k, classes = self.batches[b]
         if self.init == "noise":
-            z = torch.randn(self.n_images, self.channels, *self.image_size)
-            return (z.to(self.device) * self.std + self.mean).clamp(0, 1).cpu()  # N(0, 1) in normalised space
-        return self.select_patches()
+            z = torch.stack([torch.randn(self.channels, *self.image_size, generator=torch.Generator().manual_seed(
+                self.cfg.seed * 1_000_003 + 104_729 * (c * self.cfg.ipc + k + 1))) for c in classes])
+            return (z.to(self.device) * self.std + self.mean).clamp(0, 1)
+        return torch.cat([self.class_patches(c, [k]) for c in classes])
+
+    def class_patches(self, c: int, ks: list[int]) -> torch.Tensor:
+        """The patches of class ``c`` for ipc indices ``ks`` from their recorded sources and crop windows."""
+        f = self.cfg.method.patches_per_side
+        h, w = self.image_size
+        rows = torch.tensor([k * f * f + j for k in ks for j in range(f * f)])
+        sel = self.selection[c]
+        src = sel["sources"][rows]
+        real = to_input(self.train_set.take(src).to(self.device), self.image_size, self.channels)
+        best = apply_windows(real, sel["theta"][rows], (h, w))
+        if f > 1:
+            ph, pw = h // f, w // f
+            n = len(ks)
+            best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
+            best = best.view(n, f, f, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+            best = F.interpolate(best.reshape(n, self.channels, f * ph, f * pw), size=(h, w),
+                                 mode="bilinear", align_corners=False)
+        return best
+
+    def check_candidates(self) -> None:
+        """One line, before any work, when a class has fewer candidate images than its patches need."""
+        m = self.cfg.method
+        need = self.cfg.ipc * m.patches_per_side ** 2
+        counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).clamp(max=m.candidates_per_class)
+        if int(counts.min()) < need:
+            c = int(counts.argmin())
+            raise ValueError(f"class {self.classes[c]!r}: {int(counts[c])} candidate images for {need} patches "
+                             f"(ipc x patches_per_side^2); raise method.candidates_per_class or lower ipc")
 
     @torch.no_grad()
-    def select_patches(self) -> torch.Tensor:
+    def select_patches(self) -> list[dict]:
         """RDED-style selection (Sun et al. 2024): for every class, ``crops_per_image`` random-resized crops of
         each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy (lower = more
         typical); each image keeps its best crop, the best ``ipc * factor^2`` images are kept and stitched
         ``factor x factor`` per synthetic image. One crop per source image keeps the set diverse: ranking all
         crops together fills it with near-copies of the few easiest images. The published FADRM ships these
-        images pre-made; this selection is fastdistill's own."""
+        images pre-made; this selection is fastdistill's own.
+
+        Only the candidates of one class are decoded at a time, and a class's result is kept as source indices
+        and crop windows (a few numbers per patch), from which :meth:`class_patches` rebuilds the pixels batch by
+        batch. The draws come from one generator walked through the classes in order; every class's starting
+        state is found first by replaying the draws alone (no decoding), so the classes can be scored in any
+        order and split among ranks. Returns one ``{"sources": int64 (n,), "theta": (n, 2, 3)}`` per class."""
         m, ipc = self.cfg.method, self.cfg.ipc
-        factor = m.patches_per_side
-        need = ipc * factor * factor
-        h, w = self.image_size
-        ph, pw = h // factor, w // factor
+        need = ipc * m.patches_per_side ** 2
         g = torch.Generator().manual_seed(self.cfg.seed)
-        out = []
+        plan = []  # per class: (candidate indices, generator state before its crops)
         for c in range(self.num_classes):
-            idx = (self.train_set.labels == c).nonzero().flatten()
-            if min(idx.numel(), m.candidates_per_class) < need:
-                raise ValueError(f"class {self.classes[c]!r}: {min(idx.numel(), m.candidates_per_class)} candidate "
-                                 f"images for {need} patches (ipc x patches_per_side^2); raise "
-                                 f"method.candidates_per_class or lower ipc")
+            idx = self.train_set.class_index(c)
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
-            real = to_input(self.train_set.load_all()[idx].to(self.device), self.image_size, self.channels)
-            crops = torch.stack([random_resized_crop(real, (h, w), scale=tuple(m.candidate_scale),
-                                                     ratio=tuple(m.candidate_ratio), generator=g)
-                                 for _ in range(m.crops_per_image)], 1)  # (images, crops, C, H, W)
-            flat = crops.flatten(0, 1)
-            logits = torch.cat([teacher_logits(self.teachers, flat[i:i + 256], self.precision)
-                                for i in range(0, len(flat), 256)])
-            ce = F.cross_entropy(logits, torch.full((len(flat),), c, device=self.device), reduction="none")
-            ce, best_crop = ce.view(crops.shape[:2]).min(1)
-            keep = ce.argsort()[:need]
-            best = crops[keep, best_crop[keep]]
-            if factor > 1:
-                best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
-                best = best.view(ipc, factor, factor, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
-                best = F.interpolate(best.reshape(ipc, self.channels, factor * ph, factor * pw), size=(h, w),
-                                     mode="bilinear", align_corners=False)
-            out.append(best.cpu())
-        return torch.cat(out)
+            plan.append((idx, g.get_state()))
+            for _ in range(m.crops_per_image):
+                crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+        mine = {}
+        with console.progress(self.cfg.progress) as bar:
+            todo = list(dist.shard(self.num_classes))
+            task = bar.add_task("select patches", total=len(todo), info="")
+            for c in todo:
+                mine[c] = self.select_class(c, *plan[c], need)
+                bar.update(task, advance=1)
+        if dist.world_size() > 1:
+            for part in dist.all_gather_object(mine):
+                mine.update(part)
+        return [mine[c] for c in range(self.num_classes)]
+
+    def select_class(self, c: int, idx: torch.Tensor, state: torch.Tensor, need: int) -> dict:
+        m = self.cfg.method
+        g = torch.Generator().manual_seed(0)
+        g.set_state(state)
+        real = to_input(self.train_set.take(idx).to(self.device), self.image_size, self.channels)
+        thetas = torch.stack([crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+                              for _ in range(m.crops_per_image)], 1)  # (images, crops, 2, 3)
+        n, per = idx.numel(), m.crops_per_image
+        flat = thetas.flatten(0, 1)  # row i * per + j: crop j of candidate i
+        ce = []
+        for start in range(0, n * per, 256):  # 256 crops alive at a time, not all of the class's
+            rows = torch.arange(start, min(start + 256, n * per))
+            crops = apply_windows(real[rows // per], flat[rows], self.image_size)
+            logits = teacher_logits(self.teachers, crops, self.precision)
+            ce.append(F.cross_entropy(logits, torch.full((len(rows),), c, device=self.device), reduction="none"))
+        ce, best_crop = torch.cat(ce).view(n, per).min(1)
+        keep = ce.argsort()[:need].cpu()
+        return {"sources": idx[keep], "theta": thetas[keep, best_crop.cpu()[keep]]}
 
     # ------------------------------------------------------------------ recovery
     def batch_index(self, b: int) -> torch.Tensor:
-        """The images of batch ``b``: ipc indices ``groups[b]`` of every class (class-major storage)."""
-        return torch.tensor([c * self.cfg.ipc + k for k in self.groups[b] for c in range(self.num_classes)])
+        """Positions of batch ``b``'s images in the class-major set (class c, ipc index k: c * ipc + k)."""
+        k, classes = self.batches[b]
+        return torch.tensor([c * self.cfg.ipc + k for c in classes])
 
     def train(self) -> None:
         m = self.cfg.method
-        if not self.optimize:
-            self.images = self.patches.clone()
-            return
-        mine = list(dist.shard(len(self.groups)))
-        per_batch = len(self.sizes) * m.stage_iterations
-        with console.progress(self.cfg.progress) as bar, self.profiler.phase("recover", images=self.n_images):
+        mine = list(dist.shard(len(self.batches)))
+        per_batch = len(self.sizes) * m.stage_iterations if self.optimize else 1
+        phase = "recover" if self.optimize else "write"
+        with console.progress(self.cfg.progress) as bar, self.profiler.phase(phase, images=self.n_images):
             task = bar.add_task(f"{m.variant} ipc {self.cfg.ipc}", total=len(mine) * per_batch,
                                 completed=len(self.done.intersection(mine)) * per_batch, info="")
             for b in mine:
@@ -207,31 +275,46 @@ class FADRMRecipe:
                 if self.inner is None or self.inner["batch"] != b:
                     # seeded by the batch alone: the set does not depend on the number of ranks or on the order
                     seed_everything(self.cfg.seed * 1_000_003 + 7919 * (b + 1))
-                index = self.batch_index(b)
-                self.images[index] = self.recover_batch(b, index, bar, task)
+                patches = self.batch_patches(b)
+                if self.optimize:
+                    images = self.recover_batch(b, patches, bar, task)
+                else:
+                    images = patches.cpu()
+                    bar.update(task, advance=1)
+                self.write_batch(b, images)
                 self.done.add(b)
                 self.inner = None
                 self.save_checkpoint()
-        self.gather()
+        dist.barrier()  # every rank's batches are on disk before anyone reads the set
+        if dist.world_size() > 1:
+            for h in dist.all_gather_object(self.history):
+                self.history.update(h)
 
-    def gather(self) -> None:
-        """Every rank's batches into one set on every rank (a sum of disjoint parts is exact)."""
-        if dist.world_size() == 1:
-            return
-        index = torch.cat([self.batch_index(b) for b in dist.shard(len(self.groups))] or [torch.zeros(0).long()])
-        part = torch.zeros_like(self.images)
-        part[index] = self.images[index]
-        self.images = dist.all_reduce(part)
-        for h in dist.all_gather_object(self.history):
-            self.history.update(h)
+    def write_batch(self, b: int, images: torch.Tensor) -> None:
+        """Batch ``b``'s [0, 1] images as ``distilled/<class>/<k>.png`` and, with ``relabel=store``, the teachers'
+        fp16 logits on the saved pixels as ``labels/<b>.safetensors``. Written by the rank that owns the batch."""
+        k, classes = self.batches[b]
+        labels = torch.tensor(list(classes))
+        self.out.write_images(images, labels, [k] * len(labels), self.classes)
+        if self.cfg.method.relabel == "store":
+            from safetensors.torch import save_file
 
-    def recover_batch(self, b: int, index: torch.Tensor, bar, task) -> torch.Tensor:
-        """Recover batch ``b`` (images ``index``) through every stage; returns pixels at full size."""
+            from fastdistill.artifacts import atomic_path
+
+            x = to_uint8(images).float().div(255).to(self.device)
+            logits = teacher_logits(self.teachers, x, self.precision)
+            with atomic_path(self.out / "labels" / f"{b:05d}.safetensors") as tmp:
+                save_file({"logits": logits.half().cpu().contiguous(), "labels": labels,
+                           "index": self.batch_index(b)}, str(tmp), metadata={"classes": json.dumps(self.classes)})
+
+    def recover_batch(self, b: int, patches: torch.Tensor, bar, task) -> torch.Tensor:
+        """Recover batch ``b`` from its starting patches ([0, 1] (n, C, H, W)) through every stage; returns
+        pixels at full size on the CPU."""
         m = self.cfg.method
         iters = m.stage_iterations
         lr = cosine_schedule(m.lr, 0.0, len(self.sizes) * iters)  # one schedule over all stages, no warm-up
-        y = self.labels[index].to(self.device)
-        patches = self.patches[index].to(self.device)
+        y = self.labels[self.batch_index(b)].to(self.device)
+        patches = patches.to(self.device)
         patches_norm = (patches - self.mean) / self.std
         if self.inner is not None:  # resumed mid-batch
             stage0, it0 = self.inner["stage"], self.inner["iteration"]
@@ -311,32 +394,35 @@ class FADRMRecipe:
         scfg = StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
                              final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
                              crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
-        sets = {"synthetic": self.images}
+        # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
+        sets = {"synthetic": read_distilled(self.out.path, self.classes, self.channels)}
         if e.real_random:
             g = torch.Generator().manual_seed(cfg.seed)
-            idx = self.train_set.per_class(cfg.ipc, g)
-            sets["real_random"] = to_input(self.train_set.load_all()[idx], self.image_size, self.channels)
+            sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
         students = {}
         with self.profiler.phase("evaluate"):
             for i, arch in enumerate(e.students):
                 students[arch] = {}
                 for name, images in sets.items():
                     # the same seed for both sets: the same initial student and augmentation stream
-                    r = train_student(arch, images, self.labels, self.teachers, self.test_set, self.image_size, scfg,
-                                      self.device, self.precision, seed=cfg.seed + 1000 * i)
+                    r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
+                                      self.device, self.precision, seed=cfg.seed + 1000 * i,
+                                      num_workers=cfg.num_workers, progress=cfg.progress,
+                                      description=f"student {arch} on {name}")
                     students[arch][name] = r["test_acc"]
         return students
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:
-        """This rank's file: its recovered batches and the batch in progress."""
-        save_checkpoint(self.out.path, {"images": self.images, "patches": self.patches, "done": sorted(self.done),
-                                        "inner": self.inner, "history": self.history,
+        """This rank's file: its finished batches (their pixels are on disk), the batch in progress and the patch
+        selection (source indices and crop windows: a few numbers per patch)."""
+        save_checkpoint(self.out.path, {"selection": self.selection, "done": sorted(self.done), "inner": self.inner,
+                                        "history": self.history,
                                         "config": OmegaConf.to_container(self.cfg.method, resolve=True)}, sharded=True)
 
     def load_checkpoint(self) -> None:
-        """Every rank's file, written by any number of processes: their finished batches are kept; this rank
-        continues its batch in progress (with its RNG state) when that batch is still its own."""
+        """Every rank's file, written by any number of processes: their finished batches are kept (on disk); this
+        rank continues its batch in progress (with its RNG state) when that batch is still its own."""
         config = OmegaConf.to_container(self.cfg.method, resolve=True)
         shards = load_shards(self.out.path)
         if not shards:
@@ -344,28 +430,22 @@ class FADRMRecipe:
         if any(state.get("config") != config for state in shards):
             raise ValueError(f"the checkpoint in '{self.out.path}' was made with another config; resume with the "
                              "same overrides")
-        self.patches = shards[0]["patches"]
+        self.selection = shards[0]["selection"]
         for state in shards:
-            for b in state["done"]:
-                index = self.batch_index(b)
-                self.images[index] = state["images"][index]
             self.done.update(state["done"])
             self.history.update(state["history"])
         own = load_checkpoint(self.out.path, sharded=True)  # restores this rank's RNG
         inner = own["inner"] if own else None
-        if inner is not None and inner["batch"] in dist.shard(len(self.groups)) and inner["batch"] not in self.done:
+        if inner is not None and inner["batch"] in dist.shard(len(self.batches)) and inner["batch"] not in self.done:
             self.inner = inner
 
     def save(self, students: dict) -> dict:
         cfg = self.cfg
-        self.out.save_images(self.images, self.labels, self.classes)
-        self.out.save_preview(self.images, nrow=cfg.ipc if cfg.ipc > 1 else self.num_classes)
-        if cfg.method.relabel == "store":
-            with torch.no_grad():
-                x = self.images.to(self.device)
-                logits = teacher_logits(self.teachers, x, self.precision)
-            self.out.save_tensors("labels.safetensors", {"logits": logits.half(), "labels": self.labels},
-                                  metadata={"classes": json.dumps(self.classes)})
+        if dist.is_main():  # the preview: at most 100 classes x 10 images, read back from disk
+            distilled = read_distilled(self.out.path, self.classes, self.channels)
+            show = torch.cat([distilled.class_index(c)[:10] for c in range(min(self.num_classes, 100))])
+            self.out.save_preview(distilled.take(show).float().div(255),
+                                  nrow=min(cfg.ipc, 10) if cfg.ipc > 1 else min(self.num_classes, 100))
         recover_s = self.profiler.seconds.get("recover", 0.0)
         metrics = {"students": students, "ipc": cfg.ipc, "variant": cfg.method.variant,
                    "teachers": list(cfg.method.teachers),

@@ -144,7 +144,7 @@ class KDClipRecipe:
     def kd_images(self) -> tuple[ImageDataset, torch.Tensor]:
         """The KD stage's images (real + generated) and, per image, the row of its real source in ``real_ids``
         (-1 for images made from prompts; CP drops those)."""
-        real = self.train_set.load_all()[self.real_ids]
+        real = self.train_set.take(self.real_ids)
         labels = self.train_set.labels[self.real_ids]
         source = torch.arange(self.real_ids.numel())
         if self.generated is not None:
@@ -204,7 +204,7 @@ class KDClipRecipe:
         for CP (the teacher embeds the real set and never a generated image). None for online targets."""
         m = self.cfg.method
         if m.kd.objective == "cp":
-            images = self.train_set.load_all()[self.real_ids]
+            images = self.train_set.take(self.real_ids)
         elif m.kd.teacher_targets == "cached":
             images = self.kd_set.images
         else:
@@ -310,7 +310,7 @@ class KDClipRecipe:
         if m.kd.objective == "ld" or m.finetune.head_init != "teacher":
             return
         head = self.student.model.get_classifier()
-        real = self.train_set.load_all()[self.real_ids]
+        real = self.train_set.take(self.real_ids)
         bs = m.eval_batch_size
         self.student.eval()
         ps = torch.cat([self.projection(self.student.embed(to_input(real[i:i + bs].to(self.device), self.image_size)))

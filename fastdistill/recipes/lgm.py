@@ -37,12 +37,13 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastdistill import console
-from fastdistill.artifacts import RunDir
-from fastdistill.data import build_dataset
+from fastdistill.artifacts import RunDir, to_uint8
+from fastdistill.data import ImageDataset, build_dataset
 from fastdistill.data.transforms import to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
+from fastdistill.engine.memory import available_mib
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import (grad_cosine_feature_grad, grad_cosine_loss, linear_head_grad,
@@ -177,9 +178,7 @@ def memory_budget_mib(device: torch.device) -> float:
     available memory on CPU (pass 1's features, the decode and the allocator need the rest)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
-    with open("/proc/meminfo") as f:
-        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    return available_kib / 1024 / 4
+    return available_mib() / 4
 
 
 def auto_chunk_size(backbones: list[Backbone], size: tuple[int, int], precision: Precision,
@@ -198,6 +197,22 @@ def _as_list(value, n: int, key: str) -> list:
                              f"in method.backbones")
         return list(value)
     return [value] * n
+
+
+class RealBatch:
+    """A step's real images, decoded when a slice of them is used: the two-pass step holds one chunk at a time
+    (ImageNet-1k at 10 augmentations draws 10,000 real images per step: 6 GB as fp32 at 224 px)."""
+
+    def __init__(self, recipe: "LGMRecipe", index: torch.Tensor):
+        self.recipe, self.index = recipe, index
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        r = self.recipe
+        x = r.train_set.take(self.index[rows])  # image folders: only these files are decoded
+        return to_input(x.to(r.device, non_blocking=True), r.image_size, r.channels)
 
 
 class LGMRecipe:
@@ -260,6 +275,8 @@ class LGMRecipe:
         splits = build_dataset(cfg.data)
         self.train_set, self.test_set = splits["train"], splits["test"]
         self.classes = self.train_set.classes
+        console.note(f"lgm: ipc {cfg.ipc} x {len(self.classes)} classes, {cfg.method.iterations} iterations; writing "
+                     f"to {self.out.path}")
         with self.profiler.phase("backbones"):
             backbones, self.backbone_cards = self._load_backbones()
         self.prepare(backbones, tuple(self.train_set.image_size), self.train_set.channels, len(self.classes))
@@ -319,7 +336,7 @@ class LGMRecipe:
         if m.init == "real":
             if real is None:
                 idx = self.train_set.per_class(self.cfg.ipc, torch.Generator().manual_seed(self.cfg.seed))
-                real = to_input(self.train_set.load_all()[idx], self.image_size, self.channels)
+                real = to_input(self.train_set.take(idx), self.image_size, self.channels)
             self.base = encode(real.to(self.device))
         self.levels = [self._new_level(self.sizes[0], count=1)]
         self._reset_optimizer()
@@ -349,16 +366,12 @@ class LGMRecipe:
         return decode(self.levels, self.base)
 
     # ------------------------------------------------------------------ distillation
-    def real_batch(self, n: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def real_batch(self, n: int, rows: slice = slice(None)) -> tuple["RealBatch", torch.Tensor]:
         """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size; all n
-        indices are drawn (the same stream on every rank), only ``rows`` of them are loaded."""
+        indices are drawn (the same stream on every rank), only ``rows`` of them are this rank's. The images are
+        decoded when a chunk of them is used (:class:`RealBatch`)."""
         idx = torch.randint(len(self.real_labels), (n,))[rows]
-        if self.train_set.images is not None:
-            x = self.train_set.images[idx]
-        else:  # image folders: decode only the drawn files
-            x = torch.stack([self.train_set[i][0] for i in idx.tolist()])
-        x = to_input(x.to(self.device, non_blocking=True), self.image_size, self.channels)
-        return x, self.real_labels[idx].to(self.device)
+        return RealBatch(self, idx), self.real_labels[idx].to(self.device)
 
     def draw_views(self, n: int) -> dict[str, torch.Tensor]:
         m = self.cfg.method
@@ -401,7 +414,7 @@ class LGMRecipe:
         syn_labels = self.labels.to(self.device).repeat(augs)
         syn_x = self.apply_views(self.images().repeat(augs, 1, 1, 1), syn_views)
         with torch.no_grad():  # the real side never needs a graph (the published code records one, unused)
-            real_x = self.apply_views(real_x, real_views)
+            real_x = self.apply_views(real_x[:], real_views)
         feats, real_grads = [], []
         for embed, (w, b) in zip(self.embeds, heads):
             with torch.no_grad(), self.precision.autocast():
@@ -557,8 +570,10 @@ class LGMRecipe:
         cfg = self.cfg
         with self.profiler.phase("evaluate"):
             evaluator, self.evaluator_card = load_evaluator(cfg, self.classes)
-            return linear_probe_eval(evaluator, self.final_images(), self.labels, self.train_set, self.test_set,
-                                     cfg.eval, cfg.seed, self.hflip, self.device, self.precision)
+            synthetic = ImageDataset(labels=self.labels, classes=self.classes, images=to_uint8(self.final_images()),
+                                     name="distilled")
+            return linear_probe_eval(evaluator, synthetic, self.train_set, self.test_set, cfg.eval, cfg.seed,
+                                     self.hflip, self.device, self.precision, cfg.num_workers, cfg.progress)
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:

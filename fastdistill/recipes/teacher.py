@@ -1,8 +1,8 @@
 """Supervised teacher training (``+method=teacher``): any timm backbone on any registered dataset.
 
 The BN teachers that FADRM recovers images from and the evaluators that LGM probes with come from here.
-Loss: cross-entropy (optional label smoothing) with SGD/AdamW, linear warm-up then cosine, on-device
-random-resized-crop (+ flip where the data allows it). A finished teacher is cached under a hash of the
+Loss: cross-entropy (optional label smoothing) with SGD/AdamW, linear warm-up then cosine, random-resized-crop
+(+ flip where the data allows it): on the device for decoded data, at decode time on the whole image for files. A finished teacher is cached under a hash of the
 config that made it, so a later run or recipe that asks for the same teacher reuses it.
 
 Under torchrun the model is a DistributedDataParallel replica and each rank trains on its slice of every global
@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.dataset import TrainCrop
 from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
@@ -89,6 +90,32 @@ def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, clas
     return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
 
 
+@torch.no_grad()
+def calibrate_bn(net: Backbone, dataset, batches: int, batch_size: int, image_size: tuple[int, int],
+                 device: torch.device, seed: int) -> Backbone:
+    """Re-estimate every BN layer's running mean and variance from ``batches`` random batches of real images
+    (cumulative averages, centre-cropped decode): what a random-initialised teacher needs before BN-statistics
+    matching means anything. An explicit option for benchmarks (``method.teacher_calibration``), never a default:
+    a trained teacher's statistics are part of what it learned."""
+    from fastdistill.data.loaders import TorchLoader
+
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ValueError(f"method.teacher_calibration: {net.spec.name} has no BN layers to calibrate")
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the calibration batches
+        m.train()
+    loader = TorchLoader(dataset, batch_size, shuffle=True, seed=seed)
+    for _, (x, _) in zip(range(batches), loader.epoch(0)):
+        net(to_input(x.to(device), image_size))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+        m.eval()
+    return net
+
+
 def load_teacher(folder: str | Path) -> tuple[Backbone, dict]:
     """A trained teacher from its folder (``model.safetensors`` + ``teacher.json``), frozen, on CPU."""
     folder = Path(folder)
@@ -121,15 +148,21 @@ class TeacherRecipe:
     def setup(self) -> None:
         cfg, m = self.cfg, self.cfg.method
         seed_everything(cfg.seed)
-        # data: decoded uint8 batches; transforms run on the device
+        # data: uint8 batches. Files streamed by the torch loader are cropped as they are decoded (random-resized-crop
+        # on the whole image, timm/torchvision style); decoded splits and the ffcv/dali loaders crop on the device
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
-        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=False,
+        crop = TrainCrop(scale=tuple(m.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        train = self.train_set.train_view(crop) if cfg.loader == "torch" else self.train_set
+        self.crop_on_device = train.train_crop is None
+        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=False,
                                    seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
                                    world_size=dist.world_size())
         # network: DDP gives every rank rank 0's initial weights
         self.model = create_backbone(cfg.model, pretrained=m.pretrained, num_classes=self.train_set.num_classes,
                                      **m.model_kwargs).to(self.device)
+        console.note(f"teacher: training {cfg.model} on {cfg.data.name} ({len(self.train_set)} images); writing to "
+                     f"{self.out.path}")
         if dist.rank():  # the other ranks draw other augmentations; rank 0 keeps the one-process stream
             seed_everything(cfg.seed + dist.rank())
         spec = self.model.spec
@@ -154,10 +187,13 @@ class TeacherRecipe:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[self.step])
-        x = to_input(x.to(self.device, non_blocking=True))
-        x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
-        if self.cfg.data.get("hflip", True):
-            x = random_hflip(x)
+        if self.crop_on_device:
+            x = to_input(x.to(self.device, non_blocking=True))
+            x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
+            if self.cfg.data.get("hflip", True):
+                x = random_hflip(x)
+        else:  # cropped and flipped by the loader at the data's size
+            x = to_input(x.to(self.device, non_blocking=True), self.image_size)
         y = y.to(self.device, non_blocking=True)
         with self.precision.autocast():
             logits = self.forward(x)

@@ -123,3 +123,67 @@ def test_random_resized_crop_stays_inside():
     torch.testing.assert_close(y, torch.full_like(y, 0.7), msg="crop window left the image")
     y.sum().backward()
     assert x.grad.abs().sum() > 0, "the crop must be differentiable"
+
+
+def _stripes(path, size=(40, 80)):
+    """An RGB image (H, W) = ``size``: left quarter red, right quarter blue, middle green."""
+    h, w = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 4, 0] = 255
+    arr[:, w // 4: 3 * w // 4, 1] = 255
+    arr[:, 3 * w // 4:, 2] = 255
+    Image.fromarray(arr).save(path)
+
+
+def test_eval_decode_resizes_the_shorter_side_and_centre_crops(tmp_path):
+    # a 2:1 image: squashing would keep the red and blue borders; the timm/torchvision decode crops them away
+    from fastdistill.data.dataset import read_image
+
+    _stripes(tmp_path / "wide.png")
+    x = read_image(tmp_path / "wide.png", (16, 16), 3, crop_pct=1.0).float()
+    assert x.shape == (3, 16, 16)
+    # (squashed, a quarter of the width would be red: mean 64; the antialiased crop edge bleeds a little)
+    assert x[1].mean() > 240 and x[0].mean() < 8 and x[2].mean() < 8, "centre crop of a wide image is its green middle"
+    # crop_pct 0.5: shorter side 32 px, the 16 px centre is a quarter of the width, still green
+    y = read_image(tmp_path / "wide.png", (16, 16), 3, crop_pct=0.5).float()
+    assert y[1].mean() > 250 and y[0].max() < 5 and y[2].max() < 5
+
+
+def test_train_decode_sees_the_whole_image_and_is_seeded_per_sample(tmp_path):
+    from fastdistill.data.dataset import ImageDataset, TrainCrop
+
+    for i in range(4):
+        _stripes(tmp_path / f"{i}.png")
+    ds = ImageDataset(labels=torch.zeros(4, dtype=torch.long), classes=["a"], paths=sorted(tmp_path.glob("*.png")),
+                      image_size=(16, 16)).train_view(TrainCrop(scale=(0.05, 0.1), ratio=(1, 1), hflip=False))
+    crops = torch.stack([ds[(0, s)][0] for s in range(40)]).float()
+    red = (crops[:, 0] > 128).float().mean((1, 2)) > 0.9
+    blue = (crops[:, 2] > 128).float().mean((1, 2)) > 0.9
+    assert red.any() and blue.any(), "small crops land on the borders a centre crop would cut off"
+    torch.testing.assert_close(ds[(2, 7)][0], ds[(2, 7)][0], msg="one seed, one crop")
+
+
+def test_loader_crops_do_not_depend_on_the_worker_count(tmp_path):
+    from fastdistill.data.dataset import TrainCrop
+    from fastdistill.data.loaders import TorchLoader
+
+    _write_folder(tmp_path, n=6, size=(30, 50))
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "test_fraction": 0.2,
+                            "split_seed": 0, "cache": False})
+    train = build_dataset(cfg)["train"].train_view(TrainCrop())
+    runs = [torch.cat([x for x, _ in TorchLoader(train, 3, seed=5, num_workers=w).epoch(1)]) for w in (0, 2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0, msg="train crops with 0 and 2 workers")
+
+
+def test_cache_auto_streams_what_does_not_fit(tmp_path, monkeypatch):
+    import fastdistill.data.imagefolder as imagefolder
+
+    _write_folder(tmp_path, n=5)
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "test_fraction": 0.2,
+                            "split_seed": 0, "cache": "auto"})
+    assert build_dataset(cfg)["train"].in_memory, "a few KiB fit any machine"
+    monkeypatch.setattr(imagefolder, "available_mib", lambda: 0.001)
+    streamed = build_dataset(cfg)["train"]
+    assert not streamed.in_memory and streamed.take(torch.tensor([3, 1])).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="data.cache must be true, false or auto, got 'yes'"):
+        build_dataset(OmegaConf.merge(cfg, {"cache": "yes"}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ARGS = ["+method=fadrm", "preset=smoke", "ipc=4", "method.ipc_per_batch=1", "method.stage_sizes=[24,28]",
+ARGS = ["+method=fadrm", "preset=smoke", "ipc=4", "method.stage_sizes=[24,28]",
         "method.stage_iterations=6", "method.candidates_per_class=6", "method.eval.epochs=1",
         "method.eval.real_random=false", "progress=false", "device=cpu"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

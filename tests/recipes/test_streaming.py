@@ -1,0 +1,117 @@
+"""Every recipe and probe on an image folder streamed from disk: no code path decodes a whole split.
+
+A small ImageNet-shaped folder (50 classes x 4 JPEGs of mixed sizes) with ``data.cache=false``; ``load_all`` raises,
+and so does any single read of a whole split, while FADRM (recovery, selection, students), LGM (real batches,
+probe), ``+method=evaluate`` and the k-NN / linear probes run on it.
+"""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fastdistill.data.dataset import ImageDataset
+from fastdistill.data.rehearsal import write_jpeg_folder
+from fastdistill.run import compose, run
+
+DATA = ["data=imagefolder", "data.image_size=32", "data.cache=false", "progress=false", "checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("in50"), classes=50, per_class=4, sizes=(40, 80))
+
+
+@pytest.fixture(autouse=True)
+def no_whole_split(monkeypatch):
+    def refuse(self):
+        raise AssertionError(f"load_all() on {self.name!r} ({len(self)} images): a whole split decoded")
+
+    take = ImageDataset.take
+
+    def bounded_take(self, index):
+        if self.paths is not None and len(self) > 100 and len(index) >= len(self):
+            raise AssertionError(f"take() of all {len(self)} images of {self.name!r}: a whole split decoded")
+        return take(self, index)
+
+    monkeypatch.setattr(ImageDataset, "load_all", refuse)
+    monkeypatch.setattr(ImageDataset, "take", bounded_take)
+
+
+def _cfg(folder, *args):
+    return compose([*args, *DATA, f"data.root={folder}"])
+
+
+def test_fadrm_then_evaluate_stream(folder, tmp_path):
+    out = tmp_path / "fadrm"
+    metrics = run(_cfg(folder, "+method=fadrm", "preset=smoke", "ipc=1", "method.teacher_weights=none",
+                       "method.teacher_calibration=2", "method.candidates_per_class=3", "method.crops_per_image=2",
+                       "method.stage_sizes=[32]", "method.stage_iterations=2", "method.batch_size=25", "method.roll=2",
+                       "method.relabel=store", "method.eval.epochs=1", "method.eval.students=[timm:resnet18]",
+                       f"out={out}"))
+    assert len(list((out / "distilled").glob("*/*.png"))) == 50 and len(list((out / "labels").glob("*"))) == 2
+    assert set(metrics["students"]["timm:resnet18"]) == {"synthetic", "real_random"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teachers"][0]["bn_calibration_batches"] == 2
+    ev = run(_cfg(folder, "+method=evaluate", f"distilled={out}", "eval.backbone=timm:test_byobnet",
+                  "eval.pretrained=none", "eval.runs=1", "eval.epochs=1", "eval.full=true", "eval.full_epochs=1",
+                  f"out={tmp_path / 'eval'}"))
+    assert ev["images"] == 50 and set(ev["eval"]) == {"backbone", "synthetic", "real_random", "full"}
+
+
+def test_lgm_streams_its_real_batches(folder, tmp_path):
+    metrics = run(_cfg(folder, "+method=lgm", "preset=smoke", "method.backbones=[timm:test_resnet]",
+                       "method.backbone_pretrained=none", "method.backbone_weights=1.0", "method.iterations=2",
+                       "method.augs_per_batch=2",
+                       "method.init=real", "eval.backbone=timm:test_byobnet", "eval.pretrained=none", "eval.runs=1",
+                       "eval.epochs=1", "eval.full=true", "eval.full_epochs=1", f"out={tmp_path / 'lgm'}"))
+    assert metrics["iterations"] == 2 and 0.0 <= metrics["eval"]["full"]["mean"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["knn", "linear"])
+def test_probes_stream(folder, kind):
+    from fastdistill.data import build_dataset
+    from fastdistill.engine import Precision
+    from fastdistill.eval.knn import probe_accuracy
+    from fastdistill.models import create_backbone
+
+    cfg = _cfg(folder, "+method=evaluate", "distilled=unused")
+    splits = build_dataset(cfg.data)
+    assert splits["train"].paths is not None and splits["train"].images is None
+    p = OmegaConf.create({"kind": kind, "k": 5, "temperature": 0.07, "epochs": 1, "lr": 0.1, "batch_size": 64,
+                          "crop_scale": [0.5, 1.0], "hflip": True})
+    torch.manual_seed(0)
+    net = create_backbone("timm:test_resnet", pretrained="none").freeze()
+    cpu = torch.device("cpu")
+    acc = probe_accuracy(net, splits["train"], splits["test"], p, (32, 32), cpu, Precision("fp32", cpu), seed=0)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_teacher_crops_files_as_it_decodes(folder, tmp_path):
+    from fastdistill.recipes.teacher import TeacherRecipe
+
+    cfg = _cfg(folder, "+method=teacher", "preset=smoke", "model=timm:test_resnet", "method.epochs=1",
+               "method.batch_size=50", "method.cache=false", f"out={tmp_path / 'teacher'}")
+    recipe = TeacherRecipe(cfg)
+    recipe.setup()
+    assert not recipe.crop_on_device and recipe.loader.dataset.train_crop is not None
+    recipe.train()
+    assert len(recipe.history) == 1 and torch.isfinite(torch.tensor(recipe.history[0]["train_loss"]))
+
+
+@pytest.mark.slow
+def test_rehearsal_memory_is_flat_in_images_per_class(tmp_path):
+    # the benchmark at a tenth of its size: 100 classes, 2 and 6 JPEGs per class; it exits 1 when peak memory grows
+    # by more than 15 % with k or passes its ceiling
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scale_rehearsal.py"
+    r = subprocess.run([sys.executable, str(script), "--classes", "100", "--ks", "2", "6", "--root", str(tmp_path),
+                        "--out", str(tmp_path / "results"), "--loader-batches", "2"],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "scale_rehearsal_cpu.json").read_text())
+    growth = record["rows"][-1]["growth"]
+    assert all(v <= 1.15 for g in growth.values() for v in g.values()), growth
