@@ -29,6 +29,8 @@ class MultiCrop:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
+    hue: float = 0.0
+    jitter_random_order: bool = False
     grayscale_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # px at the crop's resolution (published 0.1-2.0 at 224 px)
     solarize_p: float = 0.2
@@ -54,7 +56,8 @@ class MultiCrop:
         v = random_resized_crop(x, (size, size), scale=tuple(scale))
         if self.hflip:
             v = random_hflip(v)
-        v = color_jitter(v, self.jitter_p, self.brightness, self.contrast, self.saturation)
+        v = color_jitter(v, self.jitter_p, self.brightness, self.contrast, self.saturation, self.hue,
+                         self.jitter_random_order)
         v = random_grayscale(v, self.grayscale_p)
         v = gaussian_blur(v, blur_p, self.blur_sigma)
         return solarize(v, solarize_p)
@@ -72,20 +75,67 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def color_jitter(x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
-    """Per-sample brightness, contrast and saturation factors in [1 - s, 1 + s] (fixed order), with probability p."""
+def color_jitter(x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float, hue: float = 0.0,
+                 random_order: bool = False) -> torch.Tensor:
+    """With probability p per sample: brightness, contrast and saturation factors in [1 - s, 1 + s] and a hue shift
+    in [-hue, hue] of the colour wheel, in a random order per sample (torchvision's ColorJitter, as the published
+    DINO augmentation) or in that fixed order."""
     n = x.shape[0]
+    factors = torch.stack([torch.empty(n).uniform_(1 - s, 1 + s) for s in (brightness, contrast, saturation)]
+                          + [torch.empty(n).uniform_(-hue, hue)], dim=1)
+    order = torch.stack([torch.randperm(4) for _ in range(n)]) if random_order else torch.arange(4).expand(n, 4)
+    return torch.where(_chosen(x, p), jitter_ops(x, factors.to(x.device, x.dtype), order.to(x.device)), x)
 
-    def factor(s):
-        return torch.empty(n).uniform_(1 - s, 1 + s).to(x.device, x.dtype)[:, None, None, None]
 
-    y = (x * factor(brightness)).clamp(0, 1)
-    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = ((y - mean) * factor(contrast) + mean).clamp(0, 1)
-    if x.shape[1] == 3:
-        g = _gray(y)
-        y = ((y - g) * factor(saturation) + g).clamp(0, 1)
-    return torch.where(_chosen(x, p), y, x)
+def jitter_ops(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue (ops 0-3) with per-sample ``factors`` (N, 4), applied in the
+    per-sample ``order`` (N, 4): step k applies op ``order[i, k]`` to sample i. Saturation and hue leave one-channel
+    images as they are."""
+    y = x
+    for k in range(4):
+        step = order[:, k]
+        for op in range(4):
+            chosen = (step == op)[:, None, None, None]
+            if bool(chosen.any()):
+                y = torch.where(chosen, _jitter_op(y, op, factors[:, op]), y)
+    return y
+
+
+def _jitter_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    f4 = f[:, None, None, None]
+    if op == 0:
+        return (x * f4).clamp(0, 1)
+    if op == 1:
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        return ((x - mean) * f4 + mean).clamp(0, 1)
+    if x.shape[1] != 3:
+        return x
+    if op == 2:
+        g = _gray(x)
+        return ((x - g) * f4 + g).clamp(0, 1)
+    return shift_hue(x, f)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images (N, 3, H, W) in [0, 1] by ``shift`` (N,) turns, through HSV (as PIL and
+    torchvision's adjust_hue)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    chroma = maxc - minc
+    sat = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(chroma == 0, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6.0 + shift[:, None, None], 1.0)
+    i = torch.floor(h * 6.0)
+    frac = h * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p, q, t = v * (1 - sat), v * (1 - sat * frac), v * (1 - sat * (1 - frac))
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
+                                                      (v, p, q))], 0)  # (6, N, 3, H, W): RGB per sextant
+    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
 
 
 def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -69,7 +69,8 @@ def build_multicrop(c: DictConfig, global_size: int, hflip: bool) -> MultiCrop:
     return MultiCrop(global_size=global_size, local_size=int(c.local_size), num_local=int(c.num_local),
                      global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), hflip=hflip,
                      jitter_p=float(c.jitter_p), brightness=float(c.brightness), contrast=float(c.contrast),
-                     saturation=float(c.saturation), grayscale_p=float(c.grayscale_p),
+                     saturation=float(c.saturation), hue=float(c.get("hue", 0.0)),
+                     jitter_random_order=bool(c.get("jitter_random_order", False)), grayscale_p=float(c.grayscale_p),
                      blur_sigma=tuple(c.blur_sigma), solarize_p=float(c.solarize_p))
 
 

@@ -169,3 +169,27 @@ def test_stochastic_depth_regularises_the_student_only(tmp_path):
     x = [torch.rand(3, 1, 28, 28)]
     recipe.teacher.train()
     torch.testing.assert_close(recipe.teacher(x), recipe.teacher(x), msg="the teacher is deterministic in train mode")
+
+
+def test_colour_jitter_ops_in_each_samples_order_match_torchvision():
+    import torchvision.transforms.functional as TF
+
+    from fastdistill.data.multicrop import color_jitter, jitter_ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 8, generator=gen)
+    factors = torch.stack([torch.empty(6).uniform_(0.6, 1.4, generator=gen) for _ in range(3)]
+                          + [torch.empty(6).uniform_(-0.1, 0.1, generator=gen)], dim=1)
+    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(6)])
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    got = jitter_ops(x, factors, order)
+    for i in range(6):
+        expected = x[i]
+        for op in order[i].tolist():
+            expected = ops[op](expected, float(factors[i, op]))
+        # 1e-4: torchvision's grey is 0.2989 R where PIL's (and ours) is 0.299
+        torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0, msg=f"sample {i}, order {order[i].tolist()}")
+    gray = torch.rand(3, 1, 8, 8, generator=gen)
+    torch.testing.assert_close(jitter_ops(gray, factors[:3] * torch.tensor([1.0, 1.0, 0.0, 0.0]), order[:3]),
+                               jitter_ops(gray, factors[:3], order[:3]), msg="saturation and hue leave 1 channel alone")
+    torch.testing.assert_close(color_jitter(x, 0.0, 0.4, 0.4, 0.2, 0.1, True), x, msg="p = 0 leaves every sample")
