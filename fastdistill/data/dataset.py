@@ -15,6 +15,7 @@ what a 500 px one does.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -141,11 +142,17 @@ class ImageDataset(torch.utils.data.Dataset):
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _drop_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_drop_pool)  # a forked loader worker has none of the parent's threads
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None:
-        import os
-
+    if _POOL is None:  # threads, not processes: PIL releases the GIL while it decodes
         _POOL = ThreadPoolExecutor(max(1, min(8, len(os.sched_getaffinity(0)))), thread_name_prefix="decode")
     return _POOL
 
