@@ -498,10 +498,16 @@ def grad_cosine_loss(
                                     backbone_weights, *feats)
 
 
-def _check_no_graph(where: str, feats: torch.Tensor) -> None:
+def _single_backbone_kernel(where: str, feats, labels, weight, bias, backend: str) -> bool:
+    """The checks of the single-backbone entry points; True to run the Triton path, which builds no graph."""
+    _reference.check_linear_head_inputs(where, feats, labels, weight, bias)
+    if not dispatch(where, backend, (feats,), _unsupported({"feats": feats}, weight.shape[0])):
+        return False
     if feats.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{where}: the Triton path builds no autograd graph, but feats requires grad; "
                          f"pass feats.detach(), run under torch.no_grad(), or use backend='torch'")
+    _reference.check_labels(where, labels, weight.shape[0])
+    return True
 
 
 def linear_head_grad(
@@ -516,11 +522,8 @@ def linear_head_grad(
         ValueError: shapes, dtypes or devices disagree, a label lies outside [0, C), or ``feats`` requires grad
             on the Triton path.
     """
-    _reference.check_linear_head_inputs("linear_head_grad", feats, labels, weight, bias)
-    if not dispatch("linear_head_grad", backend, (feats,), _unsupported({"feats": feats}, weight.shape[0])):
+    if not _single_backbone_kernel("linear_head_grad", feats, labels, weight, bias, backend):
         return _reference.linear_head_grad(feats, labels, weight, bias)
-    _check_no_graph("linear_head_grad", feats)
-    _reference.check_labels("linear_head_grad", labels, weight.shape[0])
     _, g, g_b, _ = _head_grad(feats.contiguous(), labels.contiguous(), weight.contiguous(), bias.contiguous())
     return g, g_b
 
@@ -534,11 +537,8 @@ def linear_head_grad_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(E^T F (C, D), sum_n E (C,)) fp32 of a slice of the views: :func:`fastdistill.losses.grad_cosine.
     linear_head_grad_sums` plus ``backend`` (the head kernels with 1/N = 1). No autograd graph."""
-    _reference.check_linear_head_inputs("linear_head_grad_sums", feats, labels, weight, bias)
-    if not dispatch("linear_head_grad_sums", backend, (feats,), _unsupported({"feats": feats}, weight.shape[0])):
+    if not _single_backbone_kernel("linear_head_grad_sums", feats, labels, weight, bias, backend):
         return _reference.linear_head_grad_sums(feats, labels, weight, bias)
-    _check_no_graph("linear_head_grad_sums", feats)
-    _reference.check_labels("linear_head_grad_sums", labels, weight.shape[0])
     _, g, g_b, _ = _head_grad(feats.contiguous(), labels.contiguous(), weight.contiguous(), bias.contiguous(),
                               inv_n=1.0)
     return g, g_b
@@ -555,12 +555,8 @@ def grad_cosine_feature_grad(
 ) -> torch.Tensor:
     """dL/dF (n, D) fp32 of a slice of the views given the adjoint (A, a): :func:`fastdistill.losses.grad_cosine.
     grad_cosine_feature_grad` plus ``backend``. No autograd graph."""
-    _reference.check_linear_head_inputs("grad_cosine_feature_grad", feats, labels, weight, bias)
-    if not dispatch("grad_cosine_feature_grad", backend, (feats,),
-                    _unsupported({"feats": feats}, weight.shape[0])):
+    if not _single_backbone_kernel("grad_cosine_feature_grad", feats, labels, weight, bias, backend):
         return _reference.grad_cosine_feature_grad(feats, labels, weight, bias, adjoint, num_views)
-    _check_no_graph("grad_cosine_feature_grad", feats)
-    _reference.check_labels("grad_cosine_feature_grad", labels, weight.shape[0])
     f, labels, w, b = (t.contiguous() for t in (feats, labels, weight, bias))
     given = tuple(t.to(torch.float32).contiguous() for t in adjoint)
     err = _error(f, labels, w, b)
