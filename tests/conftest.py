@@ -26,3 +26,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("FASTDISTILL_CACHE", str(root / "fastdistill-cache"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so a result never depends on test order or luck."""
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
