@@ -134,6 +134,13 @@ class ImageDataset(torch.utils.data.Dataset):
             out.append(idx[torch.randperm(idx.numel(), generator=generator)[:n]])
         return torch.cat(out)
 
+    def real_subset(self, per_class: int | None, seed: int) -> torch.Tensor:
+        """Sorted ids of ``per_class`` random images of every class drawn with ``seed`` (all ids for None): the
+        real images a student may use, the same draw wherever it is made (kd_clip, ``make_augmented``)."""
+        if not per_class:
+            return torch.arange(len(self))
+        return self.per_class(per_class, torch.Generator().manual_seed(seed)).sort().values
+
     def decoded_bytes(self) -> int:
         """Bytes this split takes decoded in memory (uint8)."""
         return len(self) * self.channels * self.image_size[0] * self.image_size[1]

@@ -15,7 +15,7 @@ on disk under a hash of everything that made them, in the same layout ``gen=fold
     <root>/<class>/<k>.png
 
 ``real:<id>`` names a row of the dataset's train split (its index there), ``prompt:<text>`` a class prompt.
-Run ``python -m fastdistill.data.generated --help`` to write such a folder of augmented real images (a stand-in
+Run ``python -m fastdistill.make_augmented --help`` to write such a folder of augmented real images (a stand-in
 where no diffusion weights are available).
 """
 from __future__ import annotations
@@ -291,40 +291,3 @@ def augment_images(real: torch.Tensor, per_image: int, seed: int, degrees: float
             out.append(aug(real[r]))
             rows.append(r)
     return torch.stack(out), torch.tensor(rows, dtype=torch.long)
-
-
-def _main(argv=None) -> None:
-    """Write a ``gen=folder`` of augmented real images of the train split, with ``real:<id>`` sources."""
-    import argparse
-
-    from omegaconf import OmegaConf
-
-    from fastdistill.data import build_dataset
-    from fastdistill.config import compose
-
-    p = argparse.ArgumentParser(description=_main.__doc__)
-    p.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
-    p.add_argument("--per-image", type=int, default=4, help="variants per real image (4: the published 4x)")
-    p.add_argument("--real-per-class", type=int, default=None,
-                   help="only these real images per class, drawn as +method=kd_clip draws them with --seed "
-                        "(default: every train image)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="config overrides naming the data, e.g. data=imagefolder data.root=DIR")
-    args = p.parse_args(argv)
-    cfg = compose(["+method=kd_clip", f"seed={args.seed}", *args.overrides])
-    train = build_dataset(cfg.data)["train"]
-    if args.real_per_class:
-        from fastdistill.recipes.kd_clip import real_subset
-
-        ids = real_subset(train, args.real_per_class, args.seed)
-    else:
-        ids = torch.arange(len(train))
-    real = train.take(ids)
-    images, rows = augment_images(real, args.per_image, args.seed)
-    root = write_folder(args.out, images, train.labels[ids][rows], [f"{REAL}{int(ids[r])}" for r in rows],
-                        train.classes, {"made_by": "augment_images", "data": OmegaConf.to_container(cfg.data)})
-    print(f"{len(rows)} images from {len(ids)} real images -> {root}")
-
-
-if __name__ == "__main__":
-    _main()

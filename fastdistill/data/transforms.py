@@ -64,3 +64,18 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | N
     """Flip each sample horizontally with probability ``p``."""
     flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def check_crop_scale(scale, key: str) -> None:
+    """One clear error for a random-resized-crop area range that is not ``0 < min <= max <= 1``."""
+    lo, hi = scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"{key} must satisfy 0 < min <= max <= 1, got {list(scale)}")
+
+
+def train_augment(x: torch.Tensor, size: tuple[int, int], scale, hflip: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training augmentation of the recipes and evaluation trainings: a random-resized-crop of area ``scale``
+    to ``size``, then a flip (p 0.5) where the data allows it."""
+    x = random_resized_crop(x, size, scale=tuple(scale), generator=generator)
+    return random_hflip(x, generator=generator) if hflip else x

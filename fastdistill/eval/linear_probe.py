@@ -24,11 +24,12 @@ from omegaconf import DictConfig
 from fastdistill import console
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.loaders import TorchLoader
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.models import Backbone, parse_backbone_id
+from fastdistill.teachers import frozen_backbone
 
 
 @dataclass
@@ -49,9 +50,7 @@ def check_probe_config(e: DictConfig) -> None:
         raise ValueError(f"eval.epochs and eval.full_epochs must be >= 1, got {e.epochs!r} and {e.full_epochs!r}")
     if e.max_batch_size < 1 or not e.lr > 0:
         raise ValueError(f"eval.max_batch_size must be >= 1 and eval.lr > 0, got {e.max_batch_size!r}, {e.lr!r}")
-    lo, hi = e.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"eval.crop_scale must satisfy 0 < min <= max <= 1, got {list(e.crop_scale)}")
+    check_crop_scale(e.crop_scale, "eval.crop_scale")
     parse_backbone_id(e.backbone)
 
 
@@ -64,17 +63,15 @@ def same_architecture(a: str, b: str) -> bool:
     return strip(na) == strip(nb)
 
 
-def load_evaluator(cfg: DictConfig, classes: list[str]) -> tuple[Backbone, dict]:
-    """The frozen evaluator ``cfg.eval.backbone``: trained on the run's data by the teacher recipe (cached), or
-    created with ``eval.pretrained`` weights (none | hub | PATH | a packaged name)."""
-    from fastdistill.recipes import teacher as teacher_recipe
-
+def load_evaluator(cfg: DictConfig, classes: list[str], train=None) -> tuple[Backbone, dict]:
+    """The frozen evaluator ``cfg.eval.backbone``: trained on the run's data by the teacher recipe (``train``: its
+    ``main``; cached), or created with ``eval.pretrained`` weights (none | hub | PATH | a packaged name)."""
     e = cfg.eval
     # a random-init evaluator is the same for every run of one seed, and training one (trained, not yet cached)
     # leaves the caller's RNG stream as a cached one would
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return teacher_recipe.frozen_backbone(e.backbone, e.pretrained, cfg, e.teacher_preset, classes)
+        return frozen_backbone(e.backbone, e.pretrained, cfg, e.teacher_preset, classes, train=train)
 
 
 @torch.no_grad()
@@ -131,9 +128,7 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
             order = torch.randperm(n, generator=g)
             for x, y in loader.iterate([order[i:i + batch] for i in starts], epoch):
                 x = to_input(x.to(device, non_blocking=True), *(like or (None, x.shape[1])))
-                x = random_resized_crop(x, cfg.image_size, scale=cfg.crop_scale, generator=g)
-                if cfg.hflip:
-                    x = random_hflip(x, generator=g)
+                x = train_augment(x, cfg.image_size, cfg.crop_scale, cfg.hflip, generator=g)
                 part = dist.shard(len(y))
                 with torch.no_grad(), precision.autocast():
                     f = backbone.embed(x[part.start:part.stop]).float()

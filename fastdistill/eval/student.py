@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastdistill import console
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.loaders import TorchLoader
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
@@ -78,9 +78,7 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
             order = torch.randperm(n, generator=g)
             for x, _ in loader.iterate([order[i:i + cfg.batch_size] for i in starts], epoch):
                 x = to_input(x.to(device, non_blocking=True), image_size, x.shape[1])
-                x = random_resized_crop(x, image_size, scale=cfg.crop_scale, generator=g)
-                if cfg.hflip:
-                    x = random_hflip(x, generator=g)
+                x = train_augment(x, image_size, cfg.crop_scale, cfg.hflip, generator=g)
                 batch, part = len(x), dist.shard(len(x))
                 x = x[part.start:part.stop]
                 soft = teacher_logits(teachers, x, precision)

@@ -7,6 +7,7 @@ import torch
 
 from fastdistill.kernels.bn_stats import bn_stats_loss
 from fastdistill.models.backbone import Backbone
+from fastdistill.models.timm_source import queries_keys
 
 
 class BNStatsTap:
@@ -54,3 +55,26 @@ class BNStatsTap:
         for h in self.handles:
             h.remove()
         self.terms = []
+
+
+class QKTap:
+    """Queries and keys (B, H, L, D) of one block of a timm ViT, read from the output of its qkv projection (the
+    fused attention path never returns them); they keep their graph when the block is trained."""
+
+    def __init__(self, backbone: Backbone, layer: int):
+        blocks = getattr(backbone.model, "blocks", None)
+        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
+            raise ValueError(f"{backbone.spec.name} is not a ViT with qkv attention: attention transfer needs ViT "
+                             f"teachers and student")
+        if not -len(blocks) <= layer < len(blocks):
+            raise ValueError(f"attention_layer {layer} is outside the {len(blocks)} blocks of {backbone.spec.name}")
+        self.attn = blocks[layer].attn
+        self.q = self.k = None
+        self.handle = self.attn.qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        self.q, self.k = queries_keys(self.attn, out)
+
+    def pop(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, self.q, self.k = self.q, self.k, None, None
+        return q, k

@@ -12,15 +12,21 @@ from fastdistill.models.spec import BackboneSpec
 from fastdistill.models.weights import PACKAGED, convert_efficientnet_pytorch, load_into, read_state_dict, weights_kind
 
 
+def queries_keys(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys (N, H, L, D), normed as the module norms them, from the output (N, L, 3 H D) of a timm
+    ``Attention`` module's qkv projection."""
+    n, length, _ = qkv.shape
+    qkv = qkv.reshape(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+
+
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention (N, H, L, L) of a timm ``Attention`` module on its input tokens x (N, L, D).
 
     Recomputes q and k from the module's own projections and norms: the fused SDPA path never
     materialises the probabilities.
     """
-    n, length, _ = x.shape
-    qkv = attn.qkv(x).reshape(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    q, k = queries_keys(attn, attn.qkv(x))
     return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
 
 

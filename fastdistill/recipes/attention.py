@@ -12,7 +12,6 @@ and ``method.model_kwargs``. Keys that matter: ``model``, ``data``, ``method.ima
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,20 +23,15 @@ from fastdistill.engine import resolve_device, seed_everything
 from fastdistill.eval.attention import write_attention_report
 from fastdistill.models import Backbone, create_backbone
 from fastdistill.profiling import Profiler
-from fastdistill.recipes.teacher import CARD, WEIGHTS
+from fastdistill.teachers import load_run
 
 
 def load_model(entry: str, pretrained: str, model_kwargs: dict) -> tuple[str, Backbone]:
     """(name, frozen backbone) of a run folder holding ``teacher.json`` or of a backbone id."""
     path = Path(str(entry)).expanduser()
     if path.is_dir():
-        card_path = path / CARD
-        if not card_path.is_file():
-            raise FileNotFoundError(f"model folder '{path}' has no {CARD}; pass the out= folder of a +method=dino, "
-                                    f"mae or teacher run, or a backbone id such as timm:vit_small_patch16_224.dino")
-        card = json.loads(card_path.read_text())
-        backbone = create_backbone(card["model"], pretrained=str(path / WEIGHTS), **card.get("model_kwargs", {}))
-        return card.get("method", "teacher"), backbone.freeze()
+        backbone, card = load_run(path)
+        return card.get("method", "teacher"), backbone
     if ":" not in str(entry):
         raise FileNotFoundError(f"model '{entry}' is neither a run folder nor a backbone id (SOURCE:NAME)")
     return str(entry), create_backbone(str(entry), pretrained=pretrained, **model_kwargs).freeze()

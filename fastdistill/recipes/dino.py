@@ -25,24 +25,24 @@ import copy
 import torch
 from hydra.utils import instantiate
 from timm.layers import DropPath
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.multicrop import MultiCrop
 from fastdistill.data.transforms import to_input
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
-from fastdistill.engine.epochs import train_epochs
+from fastdistill.engine.epochs import Position, run_epochs
+from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
-from fastdistill.eval.attention import write_attention_report
-from fastdistill.eval.knn import check_probe, probe_accuracy
+from fastdistill.eval.knn import check_probe
+from fastdistill.eval.ssl_run import finish_ssl_run
 from fastdistill.losses.dino import DINOLoss
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import DINOHead, MultiCropModel, check_vit
 from fastdistill.profiling import Profiler
-from fastdistill.recipes.teacher import CARD, WEIGHTS, config_hash
+from fastdistill.teachers import config_hash
 
 
 @torch.no_grad()
@@ -54,15 +54,6 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
         raise ValueError(f"ema_update: teacher has {len(t)} parameters, student {len(s)}")
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1 - momentum)
-
-
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Weights get the weight-decay schedule; biases and norm gains (1-dim) none, as published."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_multicrop(c: DictConfig, global_size: int, hflip: bool) -> MultiCrop:
@@ -142,25 +133,27 @@ class DINORecipe:
                                   m.warmup_epochs * self.steps_per_epoch)
         self.wd = cosine_schedule(m.weight_decay, m.weight_decay_end, total)
         self.momentum = cosine_schedule(m.momentum_teacher, 1.0, total)
-        self.epoch, self.step, self.history = 0, 0, []
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.position, self.history = Position(), []
         self.profiler = Profiler(self.device)
         if cfg.resume:
             self.load_checkpoint()
 
     def train(self) -> None:
         # labels are never used; the history also logs the schedules at the epoch's last step
-        train_epochs(self, "dino", lambda x, y, epoch: self.train_step(x, epoch), "DINO loss",
-                     lambda epoch: {"teacher_temp": self.loss_fn.teacher_temp_at(epoch),
-                                    "lr": float(self.lr[self.step - 1]),
-                                    "momentum": float(self.momentum[self.step - 1])})
+        run_epochs(self.position, self.loader, self.cfg.method.epochs, lambda x, y, epoch: self.train_step(x, epoch),
+                   lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler, history=self.history,
+                   label=f"dino {self.cfg.model}", progress=self.cfg.progress,
+                   checkpoint_every=self.cfg.checkpoint_every,
+                   log=lambda epoch: {"teacher_temp": self.loss_fn.teacher_temp_at(epoch),
+                                      "lr": float(self.lr[self.position.step - 1]),
+                                      "momentum": float(self.momentum[self.position.step - 1])})
 
     def train_step(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
         m = self.cfg.method
         regularized, _ = self.optimizer.param_groups
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[self.step])
-        regularized["weight_decay"] = float(self.wd[self.step])
+            group["lr"] = float(self.lr[self.position.step])
+        regularized["weight_decay"] = float(self.wd[self.position.step])
         x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
         crops = self.multicrop(x)
         with torch.no_grad(), self.precision.autocast():
@@ -175,16 +168,15 @@ class DINORecipe:
                 p.grad = None
         self.precision.step(self.optimizer, m.clip_grad, list(self.student.parameters()),
                             m.get("clip_grad_scope", "global"))
-        ema_update(self.teacher, self.student, float(self.momentum[self.step]))
+        ema_update(self.teacher, self.student, float(self.momentum[self.position.step]))
         return loss
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
+    def save_checkpoint(self) -> None:
         save_checkpoint(self.out.path, {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
-            "loss_sum": self.loss_sum, "config": self.hash})
+            "scaler": self.precision.state_dict(), "position": self.position.state_dict(),
+            "history": self.history, "config": self.hash})
 
     def load_checkpoint(self) -> None:
         state = resume_checkpoint(self.out.path, self.hash)
@@ -193,42 +185,7 @@ class DINORecipe:
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-
-
-def finish_ssl_run(recipe, name: str, backbone, title: str) -> dict:
-    """What a self-supervised teacher run ends with (DINO here, MAE too): the probe on ``backbone`` and on the same
-    ViT at its random initialisation (the run's initial draw: same seed, same shape), the backbone as a plain timm
-    state dict + card (the teacher recipe's format), attention overlays and distances, metrics, manifest, table."""
-    from safetensors.torch import save_model
-
-    cfg, m = recipe.cfg, recipe.cfg.method
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(recipe.device)
-    with recipe.profiler.phase("evaluate", images=2 * (len(recipe.train_set) + len(recipe.test_set))):
-        probe = {n: probe_accuracy(net, recipe.train_set, recipe.test_set, m.probe, recipe.image_size, recipe.device,
-                                   recipe.precision, cfg.seed)
-                 for n, net in ((name, backbone), ("random_init", random_init))}
-    metrics = {"probe": probe, "probe_kind": m.probe.kind, "history": recipe.history}
-    if dist.is_main():
-        save_model(backbone.model, str(recipe.out / WEIGHTS))
-    recipe.out.write_json(CARD, {
-        "model": cfg.model, "model_kwargs": OmegaConf.to_container(m.model_kwargs), "method": name,
-        "classes": recipe.train_set.classes, "dataset": cfg.data.name, "image_size": list(recipe.image_size),
-        "hash": recipe.hash, **metrics})
-    with recipe.profiler.phase("attention"):
-        metrics["attention_distance"] = None if not dist.is_main() else write_attention_report(
-            recipe.out, {name: backbone}, recipe.test_set, m.attention, recipe.device)
-    recipe.out.write_json("metrics.json", metrics)
-    recipe.out.write_manifest(cfg, recipe.device, teacher_hash=recipe.hash, backbone=backbone.spec.to_dict())
-    recipe.out.write_json("profile.json", recipe.profiler.report())
-    console.print_results(f"{title} {cfg.model} on {cfg.data.name} ({m.probe.kind} probe, test split)",
-                          ["weights", "probe acc", "first loss", "last loss", "epochs"],
-                          [[name, probe[name], recipe.history[0]["train_loss"], recipe.history[-1]["train_loss"],
-                            m.epochs], ["random_init", probe["random_init"], "", "", 0]], recipe.out.path)
-    return metrics
+        self.position, self.history = Position.from_state(state["position"], self.device), state["history"]
 
 
 def main(cfg: DictConfig) -> dict:

@@ -16,6 +16,7 @@ from fastdistill.data import build_dataset
 from fastdistill.engine import Precision, resolve_device, seed_everything
 from fastdistill.eval.linear_probe import check_probe_config, linear_probe_eval, load_evaluator, result_rows
 from fastdistill.profiling import Profiler
+from fastdistill.recipes import get_recipe
 
 
 def main(cfg: DictConfig) -> dict:
@@ -33,7 +34,7 @@ def main(cfg: DictConfig) -> dict:
     distilled = read_distilled(cfg.distilled, train_set.classes, train_set.channels)
     console.note(f"evaluate: {len(distilled)} distilled images from {cfg.distilled}; writing to {out.path}")
     with profiler.phase("evaluate"):
-        evaluator, card = load_evaluator(cfg, train_set.classes)
+        evaluator, card = load_evaluator(cfg, train_set.classes, get_recipe("teacher").main)
         ev = linear_probe_eval(evaluator, distilled, train_set, test_set, cfg.eval, cfg.seed,
                                bool(cfg.data.get("hflip", True)), device, precision, cfg.num_workers, cfg.progress)
     metrics = {"eval": ev, "distilled": str(cfg.distilled), "images": len(distilled)}

@@ -49,6 +49,8 @@ from fastdistill.kernels.bn_stats import arc_update
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
 from fastdistill.profiling import Profiler
+from fastdistill.recipes import get_recipe
+from fastdistill.teachers import calibrate_bn, frozen_backbone
 
 VARIANTS = ("fadrm", "sre2l", "rded")
 
@@ -146,17 +148,15 @@ class FADRMRecipe:
         """Frozen teachers: trained on this data by the teacher recipe (cached), from the hub, or files.
         The teacher's class order must be the dataset's: mismatched indices are the most reported reason
         published numbers fail to reproduce."""
-        from fastdistill.recipes import teacher as teacher_recipe
-
         m = self.cfg.method
         weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
-        loaded = [teacher_recipe.frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes,
-                                                 num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
+        loaded = [frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes, train=get_recipe("teacher").main,
+                                  num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
         if m.teacher_calibration:  # benchmarks: random weights, BN statistics measured on real batches
             for k, (net, card) in enumerate(loaded):
-                teacher_recipe.calibrate_bn(net.to(self.device), self.train_set, int(m.teacher_calibration),
-                                            min(64, len(self.train_set)), tuple(self.train_set.image_size),
-                                            self.device, self.cfg.seed + k)
+                calibrate_bn(net.to(self.device), self.train_set, int(m.teacher_calibration),
+                             min(64, len(self.train_set)), tuple(self.train_set.image_size), self.device,
+                             self.cfg.seed + k)
                 card["bn_calibration_batches"] = int(m.teacher_calibration)
         return [net for net, _ in loaded], [card for _, card in loaded]
 

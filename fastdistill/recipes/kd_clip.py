@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import torch
 import torch.nn as nn
@@ -39,26 +38,21 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir, write_json
 from fastdistill.data import ImageDataset, build_dataset, build_loader
 from fastdistill.data.generated import GEN_MODES, build_generated, build_prompts
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
 from fastdistill.losses.kd import (FEATURE_LOSSES, condition_prediction, feature_distillation, logit_distillation,
                                    zero_shot_logits)
 from fastdistill.models import Backbone, create_backbone, parse_backbone_id
 from fastdistill.profiling import Profiler
+from fastdistill.recipes import get_recipe
+from fastdistill.teachers import cache_root, frozen_backbone
 
 OBJECTIVES = ("fd", "ld", "cp")
 TARGETS = ("online", "cached")
 STAGES = ("kd", "finetune", "baseline")
-
-
-def real_subset(train: ImageDataset, per_class: int | None, seed: int) -> torch.Tensor:
-    """Sorted train ids of ``per_class`` random images of every class (all images for None): the real images the
-    student may use. ``python -m fastdistill.data.generated --real-per-class`` draws the same ones."""
-    if not per_class:
-        return torch.arange(len(train))
-    return train.per_class(per_class, torch.Generator().manual_seed(seed)).sort().values
 
 
 class KDClipRecipe:
@@ -94,9 +88,7 @@ class KDClipRecipe:
                 raise ValueError(f"method.{stage}.epochs must be >= {1 if stage == 'kd' else 0}, got {epochs!r}")
         if m.kd.temperature <= 0:
             raise ValueError(f"method.kd.temperature must be > 0, got {m.kd.temperature!r}")
-        lo, hi = m.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        check_crop_scale(m.crop_scale, "method.crop_scale")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.precision, self.device)
@@ -112,11 +104,9 @@ class KDClipRecipe:
         self.train_set, self.test_set = splits["train"], splits["test"]
         self.classes = self.train_set.classes
         self.image_size = (m.image_size, m.image_size) if m.image_size else tuple(self.train_set.image_size)
-        self.real_ids = real_subset(self.train_set, m.real_per_class, cfg.seed)
+        self.real_ids = self.train_set.real_subset(m.real_per_class, cfg.seed)
         self.prompts = build_prompts(self.classes, list(m.prompts.templates), m.prompts.class_names)
         with self.profiler.phase("generate"):
-            from fastdistill.recipes.teacher import cache_root
-
             self.generated = build_generated(m.gen, self.train_set, self.real_ids, self.prompts, cfg.seed,
                                              self.device, cache_root() / "generated")
         self.kd_set, self.kd_source = self.kd_images()
@@ -135,9 +125,8 @@ class KDClipRecipe:
         self.baseline = copy.deepcopy(self.student)
         dim = self.teacher.spec.feature_dim
         self.projection = nn.Linear(self.student.spec.feature_dim, dim).to(self.device)  # FD / CP only
-        self.stage, self.epoch, self.step, self.history, self.results = "kd", 0, 0, [], {}
+        self.stage, self.position, self.history, self.results = "kd", Position(), [], {}
         self.optimizer, self.optimizer_stage = None, None
-        self.loss_sum = torch.zeros((), device=self.device)  # of the epoch in progress
         if cfg.resume:
             self.load_checkpoint()
 
@@ -159,11 +148,9 @@ class KDClipRecipe:
         return ImageDataset(labels=labels, classes=self.classes, images=real, name="kd"), source
 
     def load_teacher(self) -> tuple[Backbone, dict]:
-        from fastdistill.recipes.teacher import frozen_backbone
-
         m = self.cfg.method
         net, card = frozen_backbone(m.teacher, m.teacher_weights, self.cfg, m.teacher_preset, self.classes,
-                                    **m.teacher_kwargs)
+                                    train=get_recipe("teacher").main, **m.teacher_kwargs)
         return net.to(self.device), card
 
     def text_classifier(self) -> tuple[torch.Tensor | None, float]:
@@ -248,53 +235,34 @@ class KDClipRecipe:
         return list(self.student.parameters())
 
     def train(self) -> None:
-        every = self.cfg.checkpoint_every
-        with console.progress(self.cfg.progress) as bar:
-            for stage in STAGES[STAGES.index(self.stage):]:
-                if self.stage != stage:  # a new stage starts at its first step
-                    self.stage, self.epoch, self.step = stage, 0, 0
-                if stage == "finetune" and self.step == 0:
-                    self.init_head_from_teacher()
-                if stage == "baseline" and self.step == 0 and self.cached_baseline() is not None:
-                    self.results["baseline"] = self.cached_baseline()
-                    self.stage = "done"
-                    self.save_checkpoint()
-                    break
-                self.begin_stage(stage)
-                task = bar.add_task(f"{stage} {self.cfg.method.student}", total=len(self.lr) if self.epochs else 0,
-                                    completed=self.step, info="")
-                with self.profiler.phase(stage):
-                    for epoch in range(self.epoch, self.epochs):
-                        start = self.step - epoch * self.steps_per_epoch
-                        if start == 0:
-                            self.loss_sum = torch.zeros((), device=self.device)
-                        for x, target in self.loader.epoch(epoch, start=start):
-                            loss = self.train_step(stage, x, target.view(-1).long())
-                            self.loss_sum += loss.detach()
-                            self.profiler.add_images(stage, target.numel())
-                            self.step += 1
-                            bar.update(task, advance=1)
-                            if every and self.step % every == 0:
-                                self.save_checkpoint()
-                        # .item() syncs with the device: once per epoch
-                        mean = self.loss_sum.item() / self.steps_per_epoch
-                        if not math.isfinite(mean):
-                            raise FloatingPointError(f"non-finite {stage} loss at epoch {epoch}, step {self.step}")
-                        self.history.append({"stage": stage, "epoch": epoch, "loss": mean})
-                        bar.update(task, info=f"loss {mean:.4f}")
-                        self.epoch = epoch + 1
-                        self.save_checkpoint()
-                if stage != "kd":
-                    with self.profiler.phase("evaluate", images=len(self.test_set)):
-                        model = self.student if stage == "finetune" else self.baseline
-                        self.results[stage] = accuracy(model, self.test_set, self.device, self.image_size,
-                                                       self.precision, self.cfg.method.eval_batch_size)
-                    if stage == "baseline":
-                        self.store_baseline(self.results[stage])
-                # the next stage begins; a checkpoint here resumes into it
-                self.stage = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done"
-                self.epoch, self.step, self.optimizer = 0, 0, None
+        for stage in STAGES[STAGES.index(self.stage):]:
+            if self.stage != stage:  # a new stage starts at its first step
+                self.stage, self.position = stage, Position()
+            if stage == "finetune" and self.position.step == 0:
+                self.init_head_from_teacher()
+            if stage == "baseline" and self.position.step == 0 and self.cached_baseline() is not None:
+                self.results["baseline"] = self.cached_baseline()
+                self.stage = "done"
                 self.save_checkpoint()
+                break
+            self.begin_stage(stage)
+            run_epochs(self.position, self.loader, self.epochs,
+                       lambda x, target, epoch: {"loss": self.train_step(stage, x, target.view(-1).long())},
+                       lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler,
+                       history=self.history, label=f"{stage} {self.cfg.method.student}", progress=self.cfg.progress,
+                       checkpoint_every=self.cfg.checkpoint_every, phase=stage, log=lambda epoch: {"stage": stage})
+            if stage != "kd":
+                with self.profiler.phase("evaluate", images=len(self.test_set)):
+                    model = self.student if stage == "finetune" else self.baseline
+                    self.results[stage] = accuracy(model, self.test_set, self.device, self.image_size,
+                                                   self.precision, self.cfg.method.eval_batch_size)
+                self.out.log(stage, self.epochs, test_acc=self.results[stage])
+                if stage == "baseline":
+                    self.store_baseline(self.results[stage])
+            # the next stage begins; a checkpoint here resumes into it
+            self.stage = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done"
+            self.position, self.optimizer = Position(), None
+            self.save_checkpoint()
 
     @torch.no_grad()
     def init_head_from_teacher(self) -> None:
@@ -339,7 +307,6 @@ class KDClipRecipe:
         """SUP depends on the student, its real images and its own schedule only, not on the teacher or the
         objective: one run of it serves every objective (cached by a hash of those keys)."""
         from fastdistill.data.generated import generation_key
-        from fastdistill.recipes.teacher import cache_root
 
         cfg, m = self.cfg, self.cfg.method
         key = generation_key(student=m.student, student_kwargs=OmegaConf.to_container(m.student_kwargs),
@@ -361,13 +328,12 @@ class KDClipRecipe:
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         x = to_input(x.to(self.device, non_blocking=True), self.image_size)
-        x = random_resized_crop(x, self.image_size, scale=tuple(self.cfg.method.crop_scale))
-        return random_hflip(x) if self.cfg.data.get("hflip", True) else x
+        return train_augment(x, self.image_size, self.cfg.method.crop_scale, self.cfg.data.get("hflip", True))
 
     def train_step(self, stage: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One step; ``target`` is the batch's KD-set rows in the KD stage, its labels in the others."""
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[self.step])
+            group["lr"] = float(self.lr[self.position.step])
         x = self.augment(x)
         if stage == "kd":
             loss = self.kd_loss(x, target)
@@ -403,8 +369,8 @@ class KDClipRecipe:
             "student": self.student.model.state_dict(), "projection": self.projection.state_dict(),
             "baseline": self.baseline.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scaler": self.precision.state_dict(), "stage": self.stage, "epoch": self.epoch, "step": self.step,
-            "loss_sum": self.loss_sum, "history": self.history, "results": self.results,
+            "scaler": self.precision.state_dict(), "stage": self.stage, "position": self.position.state_dict(),
+            "history": self.history, "results": self.results,
             "config": OmegaConf.to_container(self.cfg.method, resolve=True)})
 
     def load_checkpoint(self) -> None:
@@ -413,9 +379,8 @@ class KDClipRecipe:
         self.projection.load_state_dict(state["projection"])
         self.baseline.model.load_state_dict(state["baseline"])
         self.precision.load_state_dict(state["scaler"])
-        self.stage, self.epoch, self.step = state["stage"], state["epoch"], state["step"]
+        self.stage, self.position = state["stage"], Position.from_state(state["position"], self.device)
         self.history, self.results = state["history"], state["results"]
-        self.loss_sum = state["loss_sum"].to(self.device)
         if state["optimizer"] is not None and self.stage != "done":
             self.begin_stage(self.stage)
             self.optimizer.load_state_dict(state["optimizer"])

@@ -28,7 +28,6 @@ Keys that matter: ``model`` (student), ``method.teachers``, ``method.adaptation`
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -40,8 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
+from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.engine.seeding import rng_state, set_rng_state
 from fastdistill.eval.attention import write_attention_report
@@ -51,37 +51,14 @@ from fastdistill.losses import attention_kl as reference
 from fastdistill.losses.kd import (attention_confidence_qk, multi_teacher_attention_kd, multi_teacher_output_kd,
                                    resample_tokens)
 from fastdistill.models import Backbone, create_backbone
+from fastdistill.models.taps import QKTap
 from fastdistill.profiling import Profiler
-from fastdistill.recipes.teacher import CARD, WEIGHTS, cache_root, config_hash
+from fastdistill.recipes import RECIPES, get_recipe
+from fastdistill.teachers import CARD, config_hash, ensure_trained, load_run, training_config
 
 ROLES = ("cl", "mim")
 ADAPTATIONS = ("linear", "partial1", "full")
 STAGES = ("baseline", "kd")
-
-
-class QKTap:
-    """Queries and keys (B, H, L, D) of one block of a timm ViT, read from the output of its qkv projection (the
-    fused attention path never returns them); they keep their graph when the block is trained."""
-
-    def __init__(self, backbone: Backbone, layer: int):
-        blocks = getattr(backbone.model, "blocks", None)
-        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
-            raise ValueError(f"{backbone.spec.name} is not a ViT with qkv attention: kd_multi needs ViT teachers and "
-                             f"student")
-        if not -len(blocks) <= layer < len(blocks):
-            raise ValueError(f"attention_layer {layer} is outside the {len(blocks)} blocks of {backbone.spec.name}")
-        self.attn = blocks[layer].attn
-        self.q = self.k = None
-        self.handle = self.attn.qkv.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, out):
-        b, length, _ = out.shape
-        qkv = out.reshape(b, length, 3, self.attn.num_heads, self.attn.head_dim).permute(2, 0, 3, 1, 4)
-        self.q, self.k = self.attn.q_norm(qkv[0]), self.attn.k_norm(qkv[1])
-
-    def pop(self) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, self.q, self.k = self.q, self.k, None, None
-        return q, k
 
 
 def _grid(backbone: Backbone, size: tuple[int, int]) -> tuple[int, int]:
@@ -89,33 +66,9 @@ def _grid(backbone: Backbone, size: tuple[int, int]) -> tuple[int, int]:
     return size[0] // p, size[1] // p
 
 
-def ensure_trained(recipe: str, model: str, model_kwargs, preset: str, overrides, cfg: DictConfig) -> Path:
-    """The run folder of ``model`` trained on the run's data by ``+method=recipe`` (``teacher``, ``dino``, ``mae``)
-    with ``preset``, training it if needed (cached by config hash; a killed training resumes)."""
-    from fastdistill.recipes import get_recipe
-    from fastdistill.config import compose
-
-    tcfg = compose([f"+method={recipe}", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
-                    f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",
-                    f"loader={cfg.loader}", *overrides])
-    tcfg.data = cfg.data
-    if model_kwargs is not None:  # null keeps the training recipe's own
-        tcfg.method.model_kwargs = model_kwargs
-    if "cache" in tcfg.method:
-        tcfg.method.cache = False  # this folder is the cache
-    folder = cache_root() / "kd_multi" / recipe / config_hash(tcfg)
-    if not (folder / CARD).is_file():
-        tcfg.out = str(folder)
-        tcfg.resume = (folder / "checkpoint.pt").is_file()
-        get_recipe(recipe).main(tcfg)
-    return folder
-
-
 class KDMultiRecipe:
     def __init__(self, cfg: DictConfig):
         m = cfg.method
-        from fastdistill.recipes import RECIPES
-
         for key in ("epochs", "batch_size"):
             if not isinstance(m[key], int) or m[key] < 1:
                 raise ValueError(f"method.{key} must be an integer >= 1, got {m[key]!r}")
@@ -173,7 +126,7 @@ class KDMultiRecipe:
             self.teachers[role], self.teacher_info[role] = self.build_teacher(role, m.teachers[role])
         self.history = {stage: [] for stage in STAGES}
         self.results: dict = {}
-        self.stage, self.epoch, self.step = STAGES[0], 0, 0
+        self.stage, self.position = STAGES[0], Position()
         if not cfg.resume:
             self.start_stage(self.stage)
             return
@@ -187,23 +140,18 @@ class KDMultiRecipe:
         m = self.cfg.method
         weights = str(t.weights)
         kwargs = OmegaConf.to_container(t.model_kwargs) if t.model_kwargs is not None else {}
-        model, card = t.model, None
         if weights == "trained":
             with self.profiler.phase(f"teacher_{role}"):
-                weights = str(ensure_trained(t.recipe, t.model, t.model_kwargs, t.preset, list(t.overrides),
-                                             self.cfg))
+                tcfg = training_config(t.recipe, t.model, t.preset, self.cfg, list(t.overrides), t.model_kwargs)
+                weights = str(ensure_trained(get_recipe(t.recipe).main, tcfg))
         if weights not in ("none", "hub") and Path(weights).is_dir():
-            card_path = Path(weights) / CARD
-            if not card_path.is_file():
-                raise FileNotFoundError(f"teacher folder '{weights}' has no {CARD}; train one with +method=dino, "
-                                        f"mae or teacher")
-            card = json.loads(card_path.read_text())
-            # a supervised teacher's head is loaded with its weights: its class order must be the dataset's
-            if card.get("method", "teacher") == "teacher" and card.get("classes") not in (None, list(self.classes)):
-                raise ValueError(f"teacher '{weights}' was trained with classes {card['classes'][:5]}... but the "
-                                 f"dataset has {list(self.classes)[:5]}...: class indices would not match")
-            model, kwargs, weights = card["model"], card.get("model_kwargs", {}), str(Path(weights) / WEIGHTS)
-        net = create_backbone(model, pretrained=weights, num_classes=len(self.classes), **kwargs).to(self.device)
+            # a supervised teacher keeps its head (class order checked); a self-supervised one gets a new one
+            net, card = load_run(weights, self.classes, num_classes=len(self.classes))
+            model = card["model"]
+        else:
+            model, card = t.model, None
+            net = create_backbone(model, pretrained=weights, num_classes=len(self.classes), **kwargs)
+        net = net.to(self.device)
         net.eval()  # timm ViTs have no batch norm; eval keeps any dropout of a foreign config off
         self.teacher_taps[role] = QKTap(net, m.attention_layer)  # first: a non-ViT teacher fails here, in one line
         last = f"blocks.{len(net.model.blocks) - 1}."
@@ -241,58 +189,33 @@ class KDMultiRecipe:
         self.optimizer = instantiate(m.optimizer)(params)
         total = m.epochs * self.steps_per_epoch
         self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
-        self.epoch, self.step = 0, 0
-        self.sums = {}
+        self.position = Position()
         self.head_counts = {role: torch.zeros(self.teacher_taps[role].attn.num_heads, dtype=torch.long,
                                               device=self.device) for role in ROLES}
 
     # ------------------------------------------------------------------------------------------------- train
     def train(self) -> None:
-        m, every = self.cfg.method, self.cfg.checkpoint_every
-        with console.progress(self.cfg.progress) as bar:
-            for stage in STAGES[STAGES.index(self.stage):]:
-                if stage != self.stage:
-                    self.start_stage(stage)
-                    self.save_checkpoint()
-                task = bar.add_task(f"{stage} {self.cfg.model}", total=len(self.lr), completed=self.step, info="")
-                with self.profiler.phase(stage):
-                    for epoch in range(self.epoch, m.epochs):
-                        start = self.step - epoch * self.steps_per_epoch
-                        if start == 0:
-                            self.sums = {}
-                        for x, y in self.loader.epoch(epoch, start=start):
-                            terms = self.train_step(x, y)
-                            for k, v in terms.items():
-                                self.sums[k] = self.sums.get(k, 0.0) + v.detach()
-                            self.profiler.add_images(stage, y.numel())
-                            self.step += 1
-                            bar.update(task, advance=1)
-                            if every and self.step % every == 0:
-                                self.epoch = epoch
-                                self.save_checkpoint()
-                        # .item() syncs with the device: once per epoch
-                        means = {k: float(v) / self.steps_per_epoch for k, v in self.sums.items()}
-                        bad = [k for k, v in means.items() if not torch.isfinite(torch.tensor(v))]
-                        if bad:
-                            raise FloatingPointError(f"non-finite {bad[0]} in stage {stage} at epoch {epoch}, "
-                                                     f"step {self.step}")
-                        self.history[stage].append({"epoch": epoch, **means})
-                        bar.update(task, info=f"loss {means['loss']:.3f}")
-                        self.epoch = epoch + 1
-                        self.save_checkpoint()
-                with self.profiler.phase("evaluate", images=len(self.test_set)):
-                    self.results[stage] = self.evaluate_student()
+        for stage in STAGES[STAGES.index(self.stage):]:
+            if stage != self.stage:
+                self.start_stage(stage)
                 self.save_checkpoint()
+            run_epochs(self.position, self.loader, self.cfg.method.epochs, lambda x, y, epoch: self.train_step(x, y),
+                       lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler,
+                       history=self.history[stage], label=f"{stage} {self.cfg.model}", progress=self.cfg.progress,
+                       checkpoint_every=self.cfg.checkpoint_every, phase=stage)
+            with self.profiler.phase("evaluate", images=len(self.test_set)):
+                self.results[stage] = self.evaluate_student()
+            self.out.log(stage, self.cfg.method.epochs, test_acc=self.results[stage])
+            self.save_checkpoint()
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         x = to_input(x.to(self.device, non_blocking=True))
-        x = random_resized_crop(x, self.image_size, scale=tuple(self.cfg.method.crop_scale))
-        return random_hflip(x) if self.cfg.data.get("hflip", True) else x
+        return train_augment(x, self.image_size, self.cfg.method.crop_scale, self.cfg.data.get("hflip", True))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[self.step])
+            group["lr"] = float(self.lr[self.position.step])
         x = self._augment(x)
         y = y.to(self.device, non_blocking=True)
         with self.precision.autocast():
@@ -353,10 +276,10 @@ class KDMultiRecipe:
     # -------------------------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out.path, {
-            "stage": self.stage, "epoch": self.epoch, "step": self.step, "student": self.student.model.state_dict(),
+            "stage": self.stage, "position": self.position.state_dict(), "student": self.student.model.state_dict(),
             "teachers": {r: net.model.state_dict() for r, net in self.teachers.items()},
             "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(),
-            "history": self.history, "results": self.results, "sums": self.sums, "head_counts": self.head_counts,
+            "history": self.history, "results": self.results, "head_counts": self.head_counts,
             "config": self.hash})
 
     def load_checkpoint(self, state: dict) -> None:
@@ -365,9 +288,8 @@ class KDMultiRecipe:
             self.teachers[role].model.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.position, self.history = Position.from_state(state["position"], self.device), state["history"]
         self.results, self.head_counts = state["results"], state["head_counts"]
-        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
 
 
 def main(cfg: DictConfig) -> dict:

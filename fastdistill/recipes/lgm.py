@@ -31,164 +31,32 @@ Keys that matter: ``ipc``, ``method.backbones``, ``method.backbone_weights``, ``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastdistill import console
 from fastdistill.artifacts import RunDir, to_uint8
 from fastdistill.data import ImageDataset, build_dataset
-from fastdistill.data.transforms import to_input
+from fastdistill.data import views
+from fastdistill.data.transforms import check_crop_scale, to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
-from fastdistill.engine.memory import available_mib
+from fastdistill.engine.memory import auto_chunk_size
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import (grad_cosine_feature_grad, grad_cosine_loss, linear_head_grad,
                                              linear_head_grad_sums)
 from fastdistill.losses.grad_cosine import grad_cosine_adjoint
 from fastdistill.models import Backbone, parse_backbone_id
+from fastdistill.models.pyramid import decode, encode, pyramid_sizes
 from fastdistill.profiling import Profiler
+from fastdistill.recipes import get_recipe
+from fastdistill.teachers import frozen_backbone
 
 PARAMETRIZATIONS = ("pyramid", "pixels")
 INITS = ("noise", "real")
 HEAD_STD = 0.01  # W ~ N(0, 0.01^2), b = 0: a fresh random head every step (published)
-
-# Fixed colour decorrelation (Olah et al. 2017, "Feature Visualization"): a square root of ImageNet's RGB
-# covariance, normalised by its largest column norm; the optimised values live in a decorrelated space.
-_COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-COLOR_DECORRELATION = _COLOR / _COLOR.norm(dim=0).max()
-
-
-def pyramid_sizes(height: int, width: int) -> list[tuple[int, int]]:
-    """Level sizes 1, 2, 4, ... doubling until the full resolution (the last level is exactly (H, W))."""
-    sizes, k = [], 0
-    while True:
-        size = (min(2 ** k, height), min(2 ** k, width))
-        sizes.append(size)
-        if size == (height, width):
-            return sizes
-        k += 1
-
-
-def decode(levels: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (N, ch, H, W) from parameter levels: sigmoid(2 M (base + sum_k Up(level_k))), M the colour
-    decorrelation for 3 channels (identity otherwise); bilinear upsampling without antialias (published)."""
-    size = tuple(base.shape[-2:])
-    z = base
-    for level in levels:
-        z = z + (level if tuple(level.shape[-2:]) == size else
-                 torch.nn.functional.interpolate(level, size=size, mode="bilinear", align_corners=False))
-    if z.shape[1] == 3:
-        z = torch.einsum("dc,nchw->ndhw", COLOR_DECORRELATION.to(z), z)
-    return torch.sigmoid(2 * z)
-
-
-def encode(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """The inverse of :func:`decode` with no levels: the base z with decode([], z) = images (clamped off 0 and 1)."""
-    z = 0.5 * torch.logit(images.clamp(eps, 1 - eps))
-    if z.shape[1] == 3:
-        z = torch.einsum("dc,nchw->ndhw", torch.linalg.inv(COLOR_DECORRELATION).to(z), z)
-    return z
-
-
-def draw_views(n: int, crop_scale, hflip: bool, noise_p: float, noise: bool) -> dict[str, torch.Tensor]:
-    """Augmentation parameters of ``n`` views, drawn from the global CPU generator (checkpointed) in one fixed order:
-    random-resized-crop window (area ``crop_scale``, ratio 3/4-4/3, kept inside the image), flip (p 0.5) where
-    allowed, and whether (p ``noise_p``) and with which seed each view gets its Gaussian noise.
-
-    Stored parameters make a view reproducible on its own: the two-pass step replays a chunk's views in pass 2,
-    and ``torchrun`` ranks draw the parameters of all views (the same on every rank) and each applies its slice,
-    so the draws do not depend on the chunk size or the number of ranks. Returns CPU tensors of n rows: ``theta``
-    (n, 2, 3) the affine map of ``F.affine_grid`` (flip folded in), ``noise`` (n,) bool, ``seed`` (n,) int64.
-    """
-    area = torch.empty(n).uniform_(crop_scale[0], crop_scale[1])
-    log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3))
-    w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # fractions of the width and height
-    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
-    # every window lies inside the image: the published crop lets about 14 % leave it and pads zeros (METHODS.md)
-    cx = (torch.rand(n) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n) * 2 - 1) * (1 - h)
-    if hflip:  # a mirrored window is a flipped view (align_corners=False keeps the pixel grid symmetric)
-        w = torch.where(torch.rand(n) < 0.5, -w, w)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    on = torch.rand(n) < noise_p if noise else torch.zeros(n, dtype=torch.bool)
-    seed = torch.randint(0, 2**62, (n,)) if noise else torch.zeros(n, dtype=torch.int64)
-    return {"theta": theta, "noise": on, "seed": seed}
-
-
-def take_views(views: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
-    return {k: v[rows] for k, v in views.items()}
-
-
-def apply_views(x: torch.Tensor, views: dict[str, torch.Tensor], size: tuple[int, int], noise_mean: float,
-                noise_std: float) -> torch.Tensor:
-    """Views of ``x`` (n, ch, H, W), one per row of ``views`` (:func:`draw_views`), at ``size``: differentiable in x
-    (affine_grid / grid_sample, bilinear, reflection padding), plus N(noise_mean, noise_std^2) noise where drawn."""
-    theta = views["theta"].to(x.device, x.dtype)
-    grid = torch.nn.functional.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    rows = views["noise"].nonzero().flatten().tolist()
-    if rows and noise_std + abs(noise_mean) > 0:
-        # one generator per view, seeded by its draw: the view's noise is the same in any chunk and on any rank
-        noise = torch.zeros_like(x)
-        for i in rows:
-            gen = torch.Generator(x.device).manual_seed(int(views["seed"][i]))
-            noise[i] = torch.randn(x.shape[1:], generator=gen, device=x.device, dtype=x.dtype)
-        x = x + views["noise"].to(x.device, x.dtype).view(-1, 1, 1, 1) * noise_mean + noise_std * noise
-    return x
-
-
-def augment(x: torch.Tensor, size: tuple[int, int], crop_scale, hflip: bool, noise_mean: float, noise_std: float,
-            noise_p: float) -> torch.Tensor:
-    """Per-sample, differentiable: random-resized-crop to ``size``, flip (p 0.5) where allowed, additive
-    Gaussian noise N(noise_mean, noise_std^2) on a random ``noise_p`` of the samples. Global RNG (checkpointed)."""
-    views = draw_views(x.shape[0], crop_scale, hflip, noise_p, noise=noise_p > 0 and noise_std + abs(noise_mean) > 0)
-    return apply_views(x, views, size, noise_mean, noise_std)
-
-
-def activation_mib_per_view(backbone: Backbone, size: tuple[int, int], precision: Precision) -> float:
-    """MiB that autograd saves per view in one forward of ``backbone`` (the slope between 2 and 4 views, so that
-    batch-independent buffers do not count; weights excluded): what a pass-2 chunk of views keeps alive."""
-    device = backbone.mean.device
-    params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
-
-    def saved_bytes(n: int) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        x = torch.zeros(n, 3, *size, device=device, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.autocast():
-            backbone.embed(x)
-        return sum(seen.values())
-
-    return max(saved_bytes(4) - saved_bytes(2), 1) / 2 / 2**20
-
-
-def memory_budget_mib(device: torch.device) -> float:
-    """Default activation budget of ``chunk_size: auto``: half the free CUDA memory, a quarter of the host's
-    available memory on CPU (pass 1's features, the decode and the allocator need the rest)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
-    return available_mib() / 4
-
-
-def auto_chunk_size(backbones: list[Backbone], size: tuple[int, int], precision: Precision,
-                    budget_mib: float | None) -> int:
-    """The largest chunk whose saved activations fit the budget in the largest backbone (pass 2 runs one backbone
-    at a time)."""
-    budget = budget_mib or memory_budget_mib(backbones[0].mean.device)
-    per_view = max(activation_mib_per_view(b, size, precision) for b in backbones)
-    return max(1, int(budget // per_view))
-
 
 def _as_list(value, n: int, key: str) -> list:
     if isinstance(value, (list, tuple, ListConfig)):
@@ -242,9 +110,7 @@ class LGMRecipe:
                              f"{m.iterations!r}, {m.augs_per_batch!r}, {m.pyramid_every!r}, {m.log_every!r}")
         if not m.lr > 0:
             raise ValueError(f"method.lr must be > 0, got {m.lr!r}")
-        lo, hi = m.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        check_crop_scale(m.crop_scale, "method.crop_scale")
         if not 0 <= m.noise_p <= 1 or m.noise_std < 0:
             raise ValueError(f"method.noise_p must be in [0, 1] and noise_std >= 0, got {m.noise_p!r}, {m.noise_std!r}")
         chunk = m.get("chunk_size", 0)
@@ -317,12 +183,10 @@ class LGMRecipe:
 
     def _load_backbones(self) -> tuple[list[Backbone], list[dict]]:
         """Frozen backbones: trained on this data by the teacher recipe (cached), packaged, hub or file weights."""
-        from fastdistill.recipes import teacher as teacher_recipe
-
         backbones, cards = [], []
         for name, w, kwargs in zip(self.cfg.method.backbones, self.pretrained, self.backbone_kwargs):
-            model, card = teacher_recipe.frozen_backbone(name, w, self.cfg, self.cfg.method.teacher_preset,
-                                                         self.classes, **kwargs)
+            model, card = frozen_backbone(name, w, self.cfg, self.cfg.method.teacher_preset, self.classes,
+                                          train=get_recipe("teacher").main, **kwargs)
             backbones.append(model)
             cards.append({**card, "feature_dim": model.spec.feature_dim})
         return backbones, cards
@@ -376,11 +240,11 @@ class LGMRecipe:
     def draw_views(self, n: int) -> dict[str, torch.Tensor]:
         m = self.cfg.method
         noise = m.noise_p > 0 and m.noise_std + abs(m.noise_mean) > 0
-        return draw_views(n, m.crop_scale, self.hflip, m.noise_p, noise=noise)
+        return views.draw(n, m.crop_scale, self.hflip, m.noise_p, noise=noise)
 
-    def apply_views(self, x: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply_views(self, x: torch.Tensor, drawn: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.cfg.method
-        return apply_views(x, views, self.view_size, m.noise_mean, m.noise_std)
+        return views.apply(x, drawn, self.view_size, m.noise_mean, m.noise_std)
 
     def distill_step(self, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One LGM step on all backbones; returns the loss (detached, on the device; no sync)."""
@@ -456,7 +320,7 @@ class LGMRecipe:
         dtype = torch.promote_types(pixels.dtype, torch.float32)
 
         def syn_chunk(rows: range) -> torch.Tensor:  # view i is synthetic image i mod n_images
-            return self.apply_views(pixels[torch.arange(rows.start, rows.stop) % n_img], take_views(syn_views, rows))
+            return self.apply_views(pixels[torch.arange(rows.start, rows.stop) % n_img], views.take(syn_views, rows))
 
         # pass 1: features and partial head-gradient sums, no graph
         # sums[side][m] = [E^T F (C, D), sum_n E (C,)] of this rank's views, side 0 real, 1 synthetic
@@ -471,7 +335,7 @@ class LGMRecipe:
         with torch.no_grad():
             for rows in self._chunks(real_rows):
                 local = slice(rows.start - real_rows.start, rows.stop - real_rows.start)
-                x = self.apply_views(real_x[local], take_views(real_views, rows))
+                x = self.apply_views(real_x[local], views.take(real_views, rows))
                 for m, embed in enumerate(self.embeds):
                     with self.precision.autocast():
                         f = embed(x)
@@ -569,7 +433,7 @@ class LGMRecipe:
     def evaluate(self) -> dict:
         cfg = self.cfg
         with self.profiler.phase("evaluate"):
-            evaluator, self.evaluator_card = load_evaluator(cfg, self.classes)
+            evaluator, self.evaluator_card = load_evaluator(cfg, self.classes, get_recipe("teacher").main)
             synthetic = ImageDataset(labels=self.labels, classes=self.classes, images=to_uint8(self.final_images()),
                                      name="distilled")
             return linear_probe_eval(evaluator, synthetic, self.train_set, self.test_set, cfg.eval, cfg.seed,

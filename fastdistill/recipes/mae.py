@@ -22,18 +22,19 @@ from omegaconf import DictConfig
 
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
-from fastdistill.engine.epochs import train_epochs
+from fastdistill.engine.epochs import Position, run_epochs
+from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.knn import check_probe
+from fastdistill.eval.ssl_run import finish_ssl_run
 from fastdistill.losses.mae import mae_loss
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import MAEDecoder, MAEModel, check_vit, patchify, random_masking
 from fastdistill.profiling import Profiler
-from fastdistill.recipes.dino import finish_ssl_run, param_groups
-from fastdistill.recipes.teacher import config_hash
+from fastdistill.teachers import config_hash
 
 
 class MAERecipe:
@@ -44,9 +45,7 @@ class MAERecipe:
                 raise ValueError(f"method.{key} must be >= 1, got {m[key]!r}")
         if not 0 <= m.mask_ratio < 1:
             raise ValueError(f"method.mask_ratio must be in [0, 1), got {m.mask_ratio!r}")
-        lo, hi = m.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        check_crop_scale(m.crop_scale, "method.crop_scale")
         check_probe(m.probe)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -87,25 +86,25 @@ class MAERecipe:
         total = m.epochs * self.steps_per_epoch
         self.lr = cosine_schedule(m.optimizer.lr * m.batch_size / 256, m.min_lr, total,
                                   m.warmup_epochs * self.steps_per_epoch)
-        self.epoch, self.step, self.history = 0, 0, []
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.position, self.history = Position(), []
         self.profiler = Profiler(self.device)
         if cfg.resume:
             self.load_checkpoint()
 
     def train(self) -> None:
         # labels are never used
-        train_epochs(self, "mae", lambda x, y, epoch: self.train_step(x), "MAE loss",
-                     lambda epoch: {"lr": float(self.lr[self.step - 1])})
+        run_epochs(self.position, self.loader, self.cfg.method.epochs, lambda x, y, epoch: self.train_step(x),
+                   lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler, history=self.history,
+                   label=f"mae {self.cfg.model}", progress=self.cfg.progress,
+                   checkpoint_every=self.cfg.checkpoint_every,
+                   log=lambda epoch: {"lr": float(self.lr[self.position.step - 1])})
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[self.step])
+            group["lr"] = float(self.lr[self.position.step])
         x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
-        x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
-        if self.cfg.data.get("hflip", True):
-            x = random_hflip(x)
+        x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True))
         ids_keep, mask, ids_restore = random_masking(x.shape[0], self.num_patches, m.mask_ratio, self.device)
         with self.precision.autocast():
             pred = self.forward(x, ids_keep, ids_restore)
@@ -115,20 +114,18 @@ class MAERecipe:
         self.precision.step(self.optimizer, m.clip_grad, self.model.parameters())
         return loss
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
+    def save_checkpoint(self) -> None:
         save_checkpoint(self.out.path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
-            "loss_sum": self.loss_sum, "config": self.hash})
+            "scaler": self.precision.state_dict(), "position": self.position.state_dict(),
+            "history": self.history, "config": self.hash})
 
     def load_checkpoint(self) -> None:
         state = resume_checkpoint(self.out.path, self.hash)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self.loss_sum = state["loss_sum"].to(self.device)
+        self.position, self.history = Position.from_state(state["position"], self.device), state["history"]
 
 
 def main(cfg: DictConfig) -> dict:

@@ -13,9 +13,7 @@ Keys that matter: ``model``, ``method.epochs``, ``method.batch_size``, ``method.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,105 +26,15 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.dataset import TrainCrop
-from fastdistill.data.transforms import random_hflip, random_resized_crop, to_input
+from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
-from fastdistill.engine.epochs import train_epochs
+from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.classify import accuracy
-from fastdistill.models import Backbone, create_backbone
+from fastdistill.models import create_backbone
 from fastdistill.profiling import Profiler
-
-WEIGHTS = "model.safetensors"
-CARD = "teacher.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FASTDISTILL_CACHE", Path.home() / ".cache" / "fastdistill"))
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of everything that determines the trained weights (not where they are written)."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    method.pop("cache", None)
-    key = {"model": cfg.model, "method": method, "data": OmegaConf.to_container(cfg.data, resolve=True),
-           "seed": cfg.seed, "precision": cfg.precision}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def ensure_trained_teacher(model: str, cfg: DictConfig, preset: str) -> Path:
-    """The cache folder of ``model`` trained on ``cfg.data`` by this recipe with ``preset``, training it if needed."""
-    from fastdistill.config import compose
-
-    tcfg = compose(["+method=teacher", f"preset={preset}", f"model={model}", f"seed={cfg.seed}",
-                    f"device={cfg.device}", f"precision={cfg.precision}", f"progress={cfg.progress}",
-                    f"loader={cfg.loader}"])
-    tcfg.data = cfg.data
-    tcfg.out = str(cache_root() / "runs" / config_hash(tcfg))
-    folder = cache_root() / "teachers" / config_hash(tcfg)
-    if not (folder / CARD).is_file():
-        main(tcfg)
-    return folder
-
-
-def trained_teacher(model: str, cfg: DictConfig, preset: str, classes: list[str]) -> tuple[Backbone, dict]:
-    """``model`` trained on the run's data (cached) and its card without the history. Its class order must be the
-    dataset's: mismatched indices are the most reported reason published numbers fail to reproduce."""
-    net, card = load_teacher(ensure_trained_teacher(model, cfg, preset))
-    if card["classes"] != list(classes):
-        raise ValueError(f"{model} was trained with classes {card['classes'][:5]}... but the dataset has "
-                         f"{list(classes)[:5]}...: class indices would not match")
-    return net, {k: v for k, v in card.items() if k != "history"}
-
-
-def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, classes: list[str],
-                    **kwargs) -> tuple[Backbone, dict]:
-    """A frozen backbone for another recipe (teacher, LGM backbone, probe evaluator) and its card:
-    ``weights=trained`` trains ``model`` on the run's data with this recipe's ``preset`` (cached, class order
-    checked); anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``."""
-    if weights == "trained":
-        return trained_teacher(model, cfg, preset, classes)
-    net = create_backbone(model, pretrained=weights, **kwargs).freeze()
-    return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
-
-
-@torch.no_grad()
-def calibrate_bn(net: Backbone, dataset, batches: int, batch_size: int, image_size: tuple[int, int],
-                 device: torch.device, seed: int) -> Backbone:
-    """Re-estimate every BN layer's running mean and variance from ``batches`` random batches of real images
-    (cumulative averages, centre-cropped decode): what a random-initialised teacher needs before BN-statistics
-    matching means anything. An explicit option for benchmarks (``method.teacher_calibration``), never a default:
-    a trained teacher's statistics are part of what it learned."""
-    from fastdistill.data.loaders import TorchLoader
-
-    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        raise ValueError(f"method.teacher_calibration: {net.spec.name} has no BN layers to calibrate")
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the calibration batches
-        m.train()
-    loader = TorchLoader(dataset, batch_size, shuffle=True, seed=seed)
-    for _, (x, _) in zip(range(batches), loader.epoch(0)):
-        net(to_input(x.to(device), image_size))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-        m.eval()
-    return net
-
-
-def load_teacher(folder: str | Path) -> tuple[Backbone, dict]:
-    """A trained teacher from its folder (``model.safetensors`` + ``teacher.json``), frozen, on CPU."""
-    folder = Path(folder)
-    card_path = folder / CARD
-    if not card_path.is_file():
-        raise FileNotFoundError(f"teacher folder '{folder}' has no {CARD}; train one with +method=teacher")
-    card = json.loads(card_path.read_text())
-    model = create_backbone(card["model"], pretrained=str(folder / WEIGHTS), num_classes=len(card["classes"]),
-                            **card["model_kwargs"])
-    return model.freeze(), card
-
+from fastdistill.teachers import CARD, WEIGHTS, cache_folder, config_hash
 
 class TeacherRecipe:
     def __init__(self, cfg: DictConfig):
@@ -135,15 +43,13 @@ class TeacherRecipe:
             raise ValueError(f"method.epochs must be >= 1, got {m.epochs!r}")
         if m.batch_size < 1:
             raise ValueError(f"method.batch_size must be >= 1, got {m.batch_size!r}")
-        lo, hi = m.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {list(m.crop_scale)}")
+        check_crop_scale(m.crop_scale, "method.crop_scale")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.precision, self.device)
         self.out = RunDir(cfg.out)
         self.hash = config_hash(cfg)
-        self.cache_dir = cache_root() / "teachers" / self.hash
+        self.cache_dir = cache_folder(cfg)
 
     def setup(self) -> None:
         cfg, m = self.cfg, self.cfg.method
@@ -174,24 +80,24 @@ class TeacherRecipe:
         self.steps_per_epoch = len(self.loader)
         total = m.epochs * self.steps_per_epoch
         self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
-        self.epoch, self.step, self.history = 0, 0, []
-        self.loss_sum = torch.zeros((), device=self.device)  # of the epoch in progress
+        self.position, self.history = Position(), []
         self.profiler = Profiler(self.device)
         if cfg.resume:
             self.load_checkpoint()
 
     def train(self) -> None:
-        train_epochs(self, "teacher", lambda x, y, epoch: self.train_step(x, y), "cross-entropy")
+        run_epochs(self.position, self.loader, self.cfg.method.epochs, lambda x, y, epoch: self.train_step(x, y),
+                   lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler, history=self.history,
+                   label=f"teacher {self.cfg.model}", progress=self.cfg.progress,
+                   checkpoint_every=self.cfg.checkpoint_every)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[self.step])
+            group["lr"] = float(self.lr[self.position.step])
         if self.crop_on_device:
             x = to_input(x.to(self.device, non_blocking=True))
-            x = random_resized_crop(x, self.image_size, scale=tuple(m.crop_scale))
-            if self.cfg.data.get("hflip", True):
-                x = random_hflip(x)
+            x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True))
         else:  # cropped and flipped by the loader at the data's size
             x = to_input(x.to(self.device, non_blocking=True), self.image_size)
         y = y.to(self.device, non_blocking=True)
@@ -209,20 +115,18 @@ class TeacherRecipe:
                            self.cfg.method.eval_batch_size)
         return {"test_acc": acc}
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """``epoch``: the next epoch to run, or the one in progress for a mid-epoch checkpoint."""
+    def save_checkpoint(self) -> None:
         save_checkpoint(self.out.path, {
             "model": self.model.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.precision.state_dict(), "epoch": epoch, "step": self.step, "history": self.history,
-            "loss_sum": self.loss_sum, "config": self.hash})
+            "scaler": self.precision.state_dict(), "position": self.position.state_dict(), "history": self.history,
+            "config": self.hash})
 
     def load_checkpoint(self) -> None:
         state = resume_checkpoint(self.out.path, self.hash)
         self.model.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self.loss_sum = state["loss_sum"].to(self.device)
+        self.position, self.history = Position.from_state(state["position"], self.device), state["history"]
 
     def save(self, metrics: dict) -> Path:
         """Weights and card in the run folder, and a copy in the teacher cache."""

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fastdistill.data import build_dataset
-from fastdistill.data.generated import augment_images, write_folder
+from fastdistill import make_augmented
+from fastdistill.data.generated import read_folder
 from fastdistill.data.transforms import to_input
-from fastdistill.recipes.kd_clip import KDClipRecipe, real_subset
+from fastdistill.recipes.kd_clip import KDClipRecipe
 from fastdistill.api import run
 from fastdistill.config import compose
 
@@ -26,14 +27,15 @@ def _cfg(tmp_path, name, *extra):
 
 @pytest.fixture(scope="module")
 def gen_folder(tmp_path_factory):
-    """A gen=folder of 2 augmented variants of each of the student's real images (seed 0), sources recorded."""
-    cfg = compose(TINY)
-    train = build_dataset(cfg.data)["train"]
-    ids = real_subset(train, 2, 0)
-    images, rows = augment_images(train.load_all()[ids], 2, seed=0)
+    """A gen=folder of 2 augmented variants of each of the student's real images (seed 0), sources recorded, written
+    by ``python -m fastdistill.make_augmented``."""
+    train = build_dataset(compose(TINY).data)["train"]
+    ids = train.real_subset(2, 0)
     root = tmp_path_factory.mktemp("gen") / "aug"
-    write_folder(root, images, train.labels[ids][rows], [f"real:{int(ids[r])}" for r in rows], train.classes)
-    return root, ids, images, rows
+    make_augmented.main(["--out", str(root), "--per-image", "2", "--real-per-class", "2", "--seed", "0"])
+    gen = read_folder(root, train.classes, tuple(train.image_size), train.channels)
+    rows = torch.tensor([ids.tolist().index(int(i)) for i in gen.source_ids()])
+    return root, ids, gen.images, rows
 
 
 def test_end_to_end_gen_folder_cp(tmp_path, gen_folder):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdistill.recipes import kd_multi
-from fastdistill.recipes.teacher import CARD
+from fastdistill.recipes import get_recipe, kd_multi
+from fastdistill.teachers import CARD, ensure_trained, training_config
 from fastdistill.api import run
 from fastdistill.config import compose
 
@@ -31,8 +31,9 @@ def trained_teacher(tmp_path_factory):
     overrides = ["method.optimizer._target_=torch.optim.AdamW", "~method.optimizer.momentum",
                  "~method.optimizer.nesterov", "method.optimizer.lr=1e-3"]
     kwargs = {"img_size": 28, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3}
-    folder = kd_multi.ensure_trained("teacher", VIT, kwargs, "smoke", overrides, cfg)
-    again = kd_multi.ensure_trained("teacher", VIT, kwargs, "smoke", overrides, cfg)
+    train = get_recipe("teacher").main
+    folder = ensure_trained(train, training_config("teacher", VIT, "smoke", cfg, overrides, kwargs))
+    again = ensure_trained(train, training_config("teacher", VIT, "smoke", cfg, overrides, kwargs))
     return folder, again
 
 
@@ -86,7 +87,7 @@ def test_dino_and_mae_teachers_are_trained_and_loaded(tmp_path):
     recipe.setup()
     for role, name in (("cl", "dino"), ("mim", "mae")):
         info = recipe.teacher_info[role]
-        folder = Path(info["source"]).parent
+        folder = Path(info["source"])
         assert info["recipe"] == name and folder.parent.name == name and (folder / CARD).is_file()
         saved = load_file(str(folder / "model.safetensors"))
         mine = recipe.teachers[role].state_dict()

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from fastdistill.recipes import lgm
-from fastdistill.recipes.lgm import LGMRecipe, augment, decode, encode, pyramid_sizes
+from fastdistill.data.views import augment
+from fastdistill.models.pyramid import decode, encode, pyramid_sizes
+from fastdistill.recipes.lgm import LGMRecipe
 from fastdistill.api import run
 from fastdistill.config import compose
 from fastdistill.engine.metric_log import read_history

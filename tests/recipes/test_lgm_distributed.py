@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fastdistill.recipes.lgm import decode
+from fastdistill.models.pyramid import decode
 
 # tiny random-init backbones of two families; two-pass chunks of 7 views that split neither the 40 views nor a rank's 20
 ARGS = ["+method=lgm", "preset=smoke", "ipc=2", "method.backbones=[timm:test_resnet,timm:test_vit]",

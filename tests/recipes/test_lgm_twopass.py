@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastdistill.models import create_backbone
-from fastdistill.recipes.lgm import LGMRecipe, activation_mib_per_view
+from fastdistill.engine.memory import activation_mib_per_view
+from fastdistill.recipes.lgm import LGMRecipe
 from fastdistill.api import run
 from fastdistill.config import compose
 

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.rehearsal import write_jpeg_folder
-from fastdistill.run import compose, run
+from fastdistill.api import run
+from fastdistill.config import compose
 
 DATA = ["data=imagefolder", "data.image_size=32", "data.cache=false", "progress=false", "checkpoint_every=0"]
 

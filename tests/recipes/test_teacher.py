@@ -50,7 +50,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "broken", "method.cache=false")
     monkeypatch.setattr(teacher, "save_checkpoint", real_save)
-    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"] == 14
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["position"]["step"] == 14
     _run(tmp_path, "broken", "method.cache=false", "resume=true")
 
     a = load_file(str(full / "model.safetensors"))
@@ -77,8 +77,8 @@ def test_cached_teacher_is_reused(tmp_path):
     first, _ = _run(tmp_path, "first", "method.epochs=1")
     second, out = _run(tmp_path, "second", "method.epochs=1")
     assert "cached" in second and second["test_acc"] == first["test_acc"]
-    from fastdistill.recipes.teacher import load_teacher
+    from fastdistill.teachers import load_run
 
-    model, card = load_teacher(out)
+    model, card = load_run(out)
     assert card["classes"] == [str(d) for d in range(10)]
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
