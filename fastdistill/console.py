@@ -3,6 +3,7 @@ Under torchrun rank 0 alone prints them."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import NoReturn
 
 from rich.console import Console
@@ -11,15 +12,58 @@ from rich.table import Table
 
 from fastdistill.engine import distributed as dist
 
+# errors a user can cause and fix: one line and exit code 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ModuleNotFoundError)
+
 _err = Console(stderr=True)
 _out = Console(soft_wrap=True)
 
 
-def progress(enabled: bool = True) -> Progress:
-    """A progress bar on stderr (hidden when disabled or when stderr is not a terminal and CI logs it)."""
+class PhaseLines:
+    """The form of a progress bar for logs: one line per task on stderr when its phase ends (its count, time, rate
+    and last info), instead of a live bar. Same ``add_task`` / ``update`` calls as rich's ``Progress``."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.tasks = enabled, []
+
+    def __enter__(self) -> "PhaseLines":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None or not self.enabled:
+            return  # an interrupted phase has no summary; the error says what happened
+        for t in self.tasks:
+            seconds = time.perf_counter() - t["start"]
+            done = t["completed"] - t["resumed"]
+            rate = f", {done / seconds:.3g}/s" if seconds > 0 and done else ""
+            info = f", {t['info']}" if t["info"] else ""
+            _err.print(f"{t['description']}: {t['completed']}/{t['total']} in {seconds:.1f} s{rate}{info}",
+                       highlight=False, soft_wrap=True)
+
+    def add_task(self, description: str, total=None, completed: int = 0, info: str = "", **fields) -> int:
+        self.tasks.append({"description": description, "total": total, "completed": completed, "resumed": completed,
+                           "info": info, "start": time.perf_counter()})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, advance: int | None = None, completed: int | None = None, info: str | None = None,
+               **fields) -> None:
+        t = self.tasks[task]
+        if completed is not None:
+            t["completed"] = completed
+        if advance:
+            t["completed"] += advance
+        if info is not None:
+            t["info"] = info
+
+
+def progress(enabled: bool = True) -> Progress | PhaseLines:
+    """A live progress bar on stderr; where stderr is not a terminal (a log file, CI) or ``progress=false``, one
+    line per phase when it ends. Rank 0 only."""
+    if not enabled or not _err.is_terminal:
+        return PhaseLines(dist.is_main())
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=_err, disable=not enabled or not dist.is_main(), transient=False)
+                    console=_err, disable=not dist.is_main(), transient=False)
 
 
 def note(message: str) -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from hydra.errors import HydraException
+
 from fastdistill.config import compose
+from fastdistill.console import USER_ERRORS, fail
 from fastdistill.data import build_dataset
 from fastdistill.data.generated import REAL, augment_images, write_folder
 
@@ -26,9 +29,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="config overrides naming the data, e.g. data=imagefolder data.root=DIR")
     args = p.parse_args(argv)
-    cfg = compose(["+method=kd_clip", f"seed={args.seed}", *args.overrides])
-    train = build_dataset(cfg.data)["train"]
-    ids = train.real_subset(args.real_per_class, args.seed)
+    try:
+        cfg = compose(["+method=kd_clip", f"seed={args.seed}", *args.overrides])
+        train = build_dataset(cfg.data)["train"]
+        ids = train.real_subset(args.real_per_class, args.seed)
+    except USER_ERRORS as e:
+        fail(e)
+    except HydraException as e:
+        fail(ValueError(" ".join(str(e).strip().splitlines()[:2])))
     real = train.take(ids)
     images, rows = augment_images(real, args.per_image, args.seed)
     root = write_folder(args.out, images, train.labels[ids][rows], [f"{REAL}{int(ids[r])}" for r in rows],

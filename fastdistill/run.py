@@ -15,10 +15,7 @@ from omegaconf import DictConfig
 
 from fastdistill.api import run
 from fastdistill.config import compose, with_preset
-from fastdistill.console import fail
-
-# errors a user can cause and fix: one line and exit code 2; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ModuleNotFoundError)
+from fastdistill.console import USER_ERRORS, fail
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fastdistill.configs", config_name="config")

@@ -101,3 +101,14 @@ def test_a_single_class_dataset_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ValueError: ") and "at least 2 classes" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=nosuch"], "unknown dataset 'nosuch'"),
+    (["--real-per-class", "100000"], "fewer than 100000"),
+])
+def test_make_augmented_bad_input_is_one_line(args, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastdistill.make_augmented", "--out", str(tmp_path / "aug"), *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "aug").exists()

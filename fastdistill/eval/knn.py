@@ -44,19 +44,24 @@ def check_probe(p: DictConfig) -> None:
 
 
 def probe_accuracy(backbone: Backbone, train_set: ImageDataset, test_set: ImageDataset, p: DictConfig,
-                   image_size: tuple[int, int], device: torch.device, precision: Precision, seed: int) -> float:
-    """Test accuracy in [0, 1] of the ``p.kind`` probe on ``backbone``'s frozen features."""
+                   image_size: tuple[int, int], device: torch.device, precision: Precision, seed: int,
+                   progress: bool = False, log=None, phase: str = "probe") -> float:
+    """Test accuracy in [0, 1] of the ``p.kind`` probe on ``backbone``'s frozen features (``log``, ``phase``: the
+    run's metric history, as :func:`train_probe` takes them)."""
     was_training = backbone.training
     backbone.eval()
-    test_feats = embed_all(backbone, test_set, image_size, device, precision)
+    test_feats = embed_all(backbone, test_set, image_size, device, precision, progress=progress)
     if p.kind == "knn":
-        train_feats = embed_all(backbone, train_set, image_size, device, precision)
+        train_feats = embed_all(backbone, train_set, image_size, device, precision, progress=progress)
         pred = knn_predict(train_feats, train_set.labels, test_feats, train_set.num_classes, p.k, p.temperature)
         acc = (pred.cpu() == test_set.labels).float().mean().item()
+        if log:
+            log(phase, 0, test_acc=acc)
     else:
         cfg = ProbeConfig(epochs=int(p.epochs), lr=float(p.lr), max_batch_size=int(p.batch_size),
                           crop_scale=tuple(p.crop_scale), hflip=bool(p.hflip), image_size=tuple(image_size))
         acc = train_probe(backbone, train_set, test_feats, test_set.labels, train_set.num_classes, cfg, cfg.epochs,
-                          seed, device, precision)
+                          seed, device, precision, progress=progress, description=f"{phase} (linear)", log=log,
+                          phase=phase)
     backbone.train(was_training)
     return acc

@@ -99,10 +99,11 @@ def embed_all(backbone: Backbone, dataset: ImageDataset, image_size: tuple[int, 
 def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.Tensor, test_labels: torch.Tensor,
                 num_classes: int, cfg: ProbeConfig, epochs: int, seed: int, device: torch.device,
                 precision: Precision, like: tuple[tuple[int, int], int] | None = None, num_workers="auto",
-                progress: bool = False, description: str = "linear probe") -> float:
+                progress: bool = False, description: str = "linear probe", log=None, phase: str = "probe") -> float:
     """Train a fresh linear head on augmented features of ``train_set`` (read batch by batch through the loader;
     ``like`` as in :func:`embed_all`) for ``epochs``; return the final test accuracy in [0, 1] on precomputed
-    ``test_feats`` (N_test, D).
+    ``test_feats`` (N_test, D). ``log``: the run's metric history (``RunDir.log``), which gets each epoch's loss
+    and learning rate and the test accuracy under ``phase``.
 
     Under torchrun the head is a DDP replica; every rank draws the same global batch and augmentation and embeds
     its slice, the loss is scaled so that the averaged gradient is the one-process batch mean."""
@@ -125,6 +126,7 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
     with console.progress(progress) as bar:
         task = bar.add_task(description, total=epochs * len(starts), info="")
         for epoch in range(epochs):
+            epoch_loss = torch.zeros((), device=device)
             order = torch.randperm(n, generator=g)
             for x, y in loader.iterate([order[i:i + batch] for i in starts], epoch):
                 x = to_input(x.to(device, non_blocking=True), *(like or (None, x.shape[1])))
@@ -139,11 +141,18 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                epoch_loss += loss.detach()
                 step += 1
                 bar.update(task, advance=1)
+            if log:  # one sync per epoch, only when logging
+                log(phase, epoch, train_loss=dist.all_reduce(epoch_loss, "sum").item() / (world * len(starts)),
+                    lr=float(lr[step - 1]))
     with torch.no_grad():
         pred = head(test_feats).argmax(1)
-    return (pred.cpu() == test_labels.cpu()).float().mean().item()
+    acc = (pred.cpu() == test_labels.cpu()).float().mean().item()
+    if log:
+        log(phase, epochs, test_acc=acc)
+    return acc
 
 
 def probe_config(e: DictConfig, image_size: tuple[int, int], hflip: bool) -> ProbeConfig:
@@ -154,12 +163,13 @@ def probe_config(e: DictConfig, image_size: tuple[int, int], hflip: bool) -> Pro
 
 def linear_probe_eval(backbone: Backbone, synthetic: ImageDataset, train_set: ImageDataset, test_set: ImageDataset,
                       e: DictConfig, seed: int, hflip: bool, device: torch.device, precision: Precision,
-                      num_workers="auto", progress: bool = False) -> dict:
+                      num_workers="auto", progress: bool = False, log=None) -> dict:
     """The three rows of the LGM table: ``{"backbone", "synthetic", "real_random", "full"}``, each
     ``{"mean", "std", "runs"}`` of test accuracy over ``e.runs`` seeds.
 
     ``synthetic``: the distilled set (class-major); real images are brought to its size and channels by
     :func:`to_input` before the common pipeline. Random real images are redrawn every run (ipc per class).
+    ``log``: the run's metric history (``RunDir.log``); each probe logs under ``probe/<set>/<run>``.
     """
     backbone = backbone.to(device).eval()
     like = (tuple(synthetic.image_size), synthetic.channels)
@@ -178,16 +188,18 @@ def linear_probe_eval(backbone: Backbone, synthetic: ImageDataset, train_set: Im
         run_seed = seed + 1000 * r
         rows["synthetic"].append(train_probe(backbone, synthetic, test_feats, test_set.labels, num_classes, pcfg,
                                              pcfg.epochs, run_seed, description=f"probe synthetic, run {r}",
-                                             **common))
+                                             log=log, phase=f"probe/synthetic/{r}", **common))
         if e.real_random:
             real = train_set.subset(train_set.per_class(ipc, torch.Generator().manual_seed(run_seed)))
             rows["real_random"].append(train_probe(backbone, real, test_feats, test_set.labels, num_classes, pcfg,
                                                    pcfg.epochs, run_seed, like=like,
-                                                   description=f"probe random real, run {r}", **common))
+                                                   description=f"probe random real, run {r}", log=log,
+                                                   phase=f"probe/real_random/{r}", **common))
         if e.full:
             rows["full"].append(train_probe(backbone, train_set, test_feats, test_set.labels, num_classes, pcfg,
                                             int(e.full_epochs), run_seed, like=like,
-                                            description=f"probe full data, run {r}", **common))
+                                            description=f"probe full data, run {r}", log=log,
+                                            phase=f"probe/full/{r}", **common))
     for name, accs in rows.items():
         out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "runs": accs}

@@ -25,7 +25,8 @@ def finish_ssl_run(recipe, name: str, backbone, title: str) -> dict:
         random_init = create_backbone(cfg.model, pretrained="none", **m.model_kwargs).to(recipe.device)
     with recipe.profiler.phase("evaluate", images=2 * (len(recipe.train_set) + len(recipe.test_set))):
         probe = {n: probe_accuracy(net, recipe.train_set, recipe.test_set, m.probe, recipe.image_size, recipe.device,
-                                   recipe.precision, cfg.seed)
+                                   recipe.precision, cfg.seed, progress=cfg.progress, log=recipe.out.log,
+                                   phase=f"probe/{n}")
                  for n, net in ((name, backbone), ("random_init", random_init))}
     metrics = {"probe": probe, "probe_kind": m.probe.kind, "history": recipe.history}
     if dist.is_main():

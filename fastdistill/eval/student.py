@@ -50,10 +50,11 @@ def teacher_logits(teachers: list[Backbone], x: torch.Tensor, precision: Precisi
 def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], test_set: ImageDataset,
                   image_size: tuple[int, int], cfg: StudentConfig, device: torch.device, precision: Precision,
                   seed: int, model_kwargs: dict | None = None, num_workers="auto", progress: bool = False,
-                  description: str = "student") -> dict:
+                  description: str = "student", log=None, phase: str = "student") -> dict:
     """Train ``arch`` from scratch on ``train_set`` (a distilled set read from disk, or real images) with online
     soft labels; final test accuracy. The images stream through the loader batch by batch; the set's own labels
-    are not used (the training signal is the teachers' soft labels)."""
+    are not used (the training signal is the teachers' soft labels). ``log``: the run's metric history
+    (``RunDir.log``), which gets each epoch's loss and learning rate and the test accuracy under ``phase``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     student = create_backbone(arch, num_classes=test_set.num_classes, **(model_kwargs or {})).to(device).train()
@@ -98,5 +99,9 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
             dist.all_reduce(epoch_loss, "mean")
             losses.append(epoch_loss.item() / steps_per_epoch)  # one sync per epoch
             bar.update(task, info=f"loss {losses[-1]:.4f}")
+            if log:
+                log(phase, epoch, train_loss=losses[-1], lr=float(lr[step - 1]))
     acc = accuracy(student, test_set, device, image_size, precision, num_workers=num_workers, progress=progress)
+    if log:
+        log(phase, cfg.epochs, test_acc=acc)
     return {"test_acc": acc, "final_loss": losses[-1], "first_loss": losses[0]}

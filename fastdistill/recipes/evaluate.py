@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> dict:
     with profiler.phase("evaluate"):
         evaluator, card = load_evaluator(cfg, train_set.classes, get_recipe("teacher").main)
         ev = linear_probe_eval(evaluator, distilled, train_set, test_set, cfg.eval, cfg.seed,
-                               bool(cfg.data.get("hflip", True)), device, precision, cfg.num_workers, cfg.progress)
+                               bool(cfg.data.get("hflip", True)), device, precision, cfg.num_workers, cfg.progress,
+                               log=out.log)
     metrics = {"eval": ev, "distilled": str(cfg.distilled), "images": len(distilled)}
     out.write_json("metrics.json", metrics)
     out.write_manifest(cfg, device, evaluator=card, classes=train_set.classes)

@@ -76,6 +76,8 @@ class FADRMRecipe:
             raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
         if m.patches_per_side < 1 or m.stage_iterations < 0:
             raise ValueError("method.patches_per_side must be >= 1 and method.stage_iterations >= 0")
+        if not isinstance(m.log_every, int) or m.log_every < 1:
+            raise ValueError(f"method.log_every must be an integer >= 1, got {m.log_every!r}")
         if isinstance(m.batch_size, bool) or not isinstance(m.batch_size, int) or m.batch_size < 1:
             raise ValueError(f"method.batch_size must be an integer >= 1 (images per recovery batch, published 100), "
                              f"got {m.batch_size!r}")
@@ -266,6 +268,9 @@ class FADRMRecipe:
         mine = list(dist.shard(len(self.batches)))
         per_batch = len(self.sizes) * m.stage_iterations if self.optimize else 1
         phase = "recover" if self.optimize else "write"
+        if self.optimize and self.cfg.resume:  # batches recovered before the kill stay logged; the rest is redone
+            finished = [b for b in mine if b in self.done]
+            self.out.rewind("recover", (max(finished) + 1) * per_batch if finished else 0)
         with console.progress(self.cfg.progress) as bar, self.profiler.phase(phase, images=self.n_images):
             task = bar.add_task(f"{m.variant} ipc {self.cfg.ipc}", total=len(mine) * per_batch,
                                 completed=len(self.done.intersection(mine)) * per_batch, info="")
@@ -319,11 +324,13 @@ class FADRMRecipe:
         if self.inner is not None:  # resumed mid-batch
             stage0, it0 = self.inner["stage"], self.inner["iteration"]
             x = self.inner["x"].to(self.device)
+            done_losses = self.inner["losses"]
         else:
             stage0, it0 = 0, 0
             x = F.interpolate(patches_norm, size=self.sizes[0], mode="bilinear", align_corners=False)
+            done_losses = torch.empty(0)
         every = self.cfg.checkpoint_every
-        losses = []  # kept on the device; read once per batch
+        losses = []  # kept on the device; read once per batch (and at a mid-batch checkpoint)
         for s in range(stage0, len(self.sizes)):
             x = x.detach().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=m.lr, betas=tuple(m.betas))  # re-created at every stage (published)
@@ -344,7 +351,8 @@ class FADRMRecipe:
                 bar.update(task, advance=1)
                 if every and (step + 1) % every == 0 and it + 1 < iters:
                     self.inner = {"batch": b, "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
-                                  "optimizer": opt.state_dict()}
+                                  "optimizer": opt.state_dict(),
+                                  "losses": torch.cat([done_losses, torch.stack(losses).cpu()])}
                     self.save_checkpoint()
                     self.inner = None
             if s == len(self.sizes) - 1:
@@ -358,14 +366,25 @@ class FADRMRecipe:
                     x = arc_update(x.contiguous(), p.contiguous(), m.residual_alpha, self.lo, self.hi,
                                    backend=self.cfg.kernels)
         if losses:
-            curve = torch.stack(losses).cpu()
+            curve = torch.cat([done_losses, torch.stack(losses).cpu()])
             k = max(1, min(5, len(curve) // 4))
             self.history[b] = {"batch": b, "loss_first": curve[:k].mean().item(), "loss_last": curve[-k:].mean().item()}
+            self.log_curve(b, curve)
         with torch.no_grad():
             x = x.detach()
             if tuple(x.shape[-2:]) != tuple(self.image_size):
                 x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
             return (x * self.std + self.mean).clamp(0, 1).cpu()
+
+    def log_curve(self, b: int, curve: torch.Tensor) -> None:
+        """Batch ``b``'s recovery loss into the metric history: the mean of every ``log_every`` iterations, at the
+        run's iteration count (batch ``b`` covers iterations ``b * n + 1`` to ``(b + 1) * n``)."""
+        every, n = self.cfg.method.log_every, len(curve)
+        for start in range(0, n, every):
+            window = curve[start:start + every]
+            self.out.log("recover", b * n + start + len(window), loss=window.mean().item(), batch=b,
+                         resolution=self.sizes[min((start + len(window) - 1) // self.cfg.method.stage_iterations,
+                                                   len(self.sizes) - 1)][0])
 
     def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch."""
@@ -408,7 +427,8 @@ class FADRMRecipe:
                     r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
                                       self.device, self.precision, seed=cfg.seed + 1000 * i,
                                       num_workers=cfg.num_workers, progress=cfg.progress,
-                                      description=f"student {arch} on {name}")
+                                      description=f"student {arch} on {name}", log=self.out.log,
+                                      phase=f"student/{arch}/{name}")
                     students[arch][name] = r["test_acc"]
         return students
 

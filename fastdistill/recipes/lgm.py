@@ -437,7 +437,8 @@ class LGMRecipe:
             synthetic = ImageDataset(labels=self.labels, classes=self.classes, images=to_uint8(self.final_images()),
                                      name="distilled")
             return linear_probe_eval(evaluator, synthetic, self.train_set, self.test_set, cfg.eval, cfg.seed,
-                                     self.hflip, self.device, self.precision, cfg.num_workers, cfg.progress)
+                                     self.hflip, self.device, self.precision, cfg.num_workers, cfg.progress,
+                                     log=self.out.log)
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:

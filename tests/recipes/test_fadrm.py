@@ -11,6 +11,7 @@ from PIL import Image
 from fastdistill.artifacts import read_distilled
 from fastdistill.data.transforms import random_resized_crop, to_input
 from fastdistill.engine import seed_everything
+from fastdistill.engine.metric_log import read_history
 from fastdistill.recipes.fadrm import FADRMRecipe
 from fastdistill.api import run
 from fastdistill.config import compose
@@ -25,7 +26,8 @@ def _cfg(tmp_path, name, *extra):
 
 
 def test_fadrm_end_to_end_artifacts(tmp_path):
-    metrics = run(_cfg(tmp_path, "run", "method.relabel=store", "method.eval.real_random=true"))
+    metrics = run(_cfg(tmp_path, "run", "method.relabel=store", "method.eval.real_random=true",
+                       "method.log_every=3"))
     out = tmp_path / "run"
     assert set(metrics["students"]["timm:resnet18"]) == {"synthetic", "real_random"}
     assert metrics["ipc"] == 2 and metrics["teachers"] == ["timm:resnet18"] and metrics["seconds_per_image"] > 0
@@ -40,8 +42,17 @@ def test_fadrm_end_to_end_artifacts(tmp_path):
         assert f.get_tensor("index").tolist() == [2 * c + 1 for c in range(10)], "batch 1: ipc index 1 of each class"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teachers"][0]["classes"] == manifest["classes"], "teacher class order recorded and checked"
-    for name in ("preview.png", "profile.json", "config.yaml", "checkpoint.pt"):
+    for name in ("preview.png", "profile.json", "config.yaml", "checkpoint.pt", "curves.png"):
         assert (out / name).is_file(), name
+    # the metric history: recovery loss every log_every (3) of a batch's 8 iterations, each student's epochs
+    history = read_history(out / "metrics.jsonl")
+    recover = [(r["step"], r["batch"]) for r in history if r["phase"] == "recover"]
+    assert recover == [(3, 0), (6, 0), (8, 0), (11, 1), (14, 1), (16, 1)], recover
+    for name in ("synthetic", "real_random"):
+        student = [r for r in history if r["phase"] == f"student/timm:resnet18/{name}"]
+        assert [r["step"] for r in student] == [0, 1, 2] and "train_loss" in student[0]
+        assert student[-1]["test_acc"] == metrics["students"]["timm:resnet18"][name]
+    assert history[-1]["phase"] == "final" and history[-1]["metrics"]["students"] == metrics["students"]
 
 
 def test_recovery_lowers_its_loss(tmp_path):
@@ -87,6 +98,7 @@ def test_baselines_by_switch(tmp_path):
 
 def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
     full = FADRMRecipe(_cfg(tmp_path, "full", "checkpoint_every=3"))
+    full.out.write_config(full.cfg)  # as main() does: opens the run's metric history
     full.setup()
     full.train()
 
@@ -102,16 +114,23 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fadrm, "save_checkpoint", save_then_die)
     broken = FADRMRecipe(_cfg(tmp_path, "broken", "checkpoint_every=3"))
+    broken.out.write_config(broken.cfg)
     broken.setup()
     with pytest.raises(KeyboardInterrupt):
         broken.train()
     monkeypatch.setattr(fadrm, "save_checkpoint", real_save)
     resumed = FADRMRecipe(_cfg(tmp_path, "broken", "checkpoint_every=3", "resume=true"))
+    resumed.out.write_config(resumed.cfg)
     resumed.setup()
     assert resumed.inner is not None and resumed.inner["stage"] == 1
     resumed.train()
     torch.testing.assert_close(_saved(tmp_path / "broken"), _saved(tmp_path / "full"), rtol=0, atol=0,
                                msg="resumed synthetic images")
+    # one continuous history, the iterations before the kill included
+    logged = [[(r["step"], r["loss"]) for r in read_history(tmp_path / d / "metrics.jsonl") if r["phase"] == "recover"]
+              for d in ("full", "broken")]
+    assert [s for s, _ in logged[0]] == [8, 16] and logged[1] == logged[0]
+    assert resumed.history == full.history
 
 
 def test_patch_selection_keeps_one_crop_per_source_image(tmp_path):
