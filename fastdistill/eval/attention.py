@@ -9,6 +9,11 @@ to the key patches k, averaged over queries and images,
 over patch tokens only (the CLS/register columns are left out and the row renormalised, so a head that parks its
 weight on CLS is not counted as local). Large distances are global heads (DINO's later layers), small ones local
 (MAE's); one curve per model puts the two in one picture.
+
+Attention on object (the DINO-on-digits claim, measured): per image and head, the share of the CLS token's attention
+to the patches that falls on object patches (mean pixel above ``object_threshold``: strokes on a dark ground),
+divided by the share of object patches; averaged over images. Uniform attention gives 1; a head that looks only at
+the object gives 1 / (object share).
 """
 from __future__ import annotations
 
@@ -77,6 +82,19 @@ def attention_distances(backbone: Backbone, images: torch.Tensor, image_size: tu
         total = d if total is None else total + d
         count += x.shape[0]
     return (total / count).cpu()
+
+
+def attention_on_object(cls_attn: torch.Tensor, images: torch.Tensor, threshold: float) -> torch.Tensor:
+    """float64 (n, H): attention on object (module docstring) per image and head, from CLS attention (N, H, rows,
+    cols) on [0, 1] ``images`` (N, C, H, W); the n images with both object and ground patches."""
+    rows, cols = cls_attn.shape[-2:]
+    grey = images.double().mean(1, keepdim=True)
+    obj = (F.adaptive_avg_pool2d(grey, (rows, cols)).flatten(1) > threshold).double()  # (N, rows * cols)
+    a = cls_attn.double().flatten(2)
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+    share = obj.mean(1)
+    keep = (share > 0) & (share < 1)
+    return ((a * obj[:, None]).sum(-1) / share[:, None].clamp_min(1e-300))[keep]
 
 
 @torch.no_grad()
@@ -157,7 +175,8 @@ def write_attention_report(out: RunDir, models: dict[str, Backbone], test_set: I
                            device: torch.device) -> dict:
     """``attention_<name>.png`` (CLS overlays of ``a.images`` test images, layer ``a.layer``) per model, and
     ``attention_distance.json`` / ``.png`` over ``a.distance_images`` test images; returns the distances as
-    ``{name: {"per_layer": [...], "per_head": [[...]]}}``."""
+    ``{name: {"per_layer": [...], "per_head": [[...]], "attention_on_object": {"mean", "per_head", ...}}}`` (the
+    last over the same images in layer ``a.layer``, unless ``a.object_threshold`` is null)."""
     from torchvision.utils import save_image
 
     if a.images < 1 or a.distance_images < 1:
@@ -178,6 +197,16 @@ def write_attention_report(out: RunDir, models: dict[str, Backbone], test_set: I
         distances[name] = d
         result[name] = {"per_layer": d.mean(1).tolist(), "per_head": d.tolist(), "image_size": list(size),
                         "patch_size": backbone.spec.patch_size}
+        if a.object_threshold is not None:
+            ratios = torch.cat([attention_on_object(cls_attention(backbone, xb, int(a.layer)), xb, a.object_threshold)
+                                for xb in (to_input(dist_images[i:i + int(a.batch_size)].to(device), size)
+                                           for i in range(0, len(dist_images), int(a.batch_size)))])
+            if len(ratios) == 0:
+                raise ValueError(f"attention.object_threshold {a.object_threshold}: no test image has both object "
+                                 f"and ground patches; set it to null for this data")
+            result[name]["attention_on_object"] = {"mean": ratios.mean().item(), "per_head": ratios.mean(0).tolist(),
+                                                   "images": len(ratios), "layer": int(a.layer),
+                                                   "threshold": float(a.object_threshold)}
     out.write_json("attention_distance.json", result)
     plot_attention_distance(distances, out / "attention_distance.png", size)
     return result

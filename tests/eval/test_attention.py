@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from fastdistill.eval.attention import (attention_distances, cls_attention, mean_attention_distance, overlay_grid,
-                                        patch_distances, plot_attention_distance)
+from fastdistill.eval.attention import (attention_distances, attention_on_object, cls_attention,
+                                        mean_attention_distance, overlay_grid, patch_distances,
+                                        plot_attention_distance)
 from fastdistill.models import create_backbone
 from fastdistill.api import run
 from fastdistill.config import compose
@@ -91,6 +92,8 @@ def test_attention_method_end_to_end(tmp_path):
     data = json.loads((out / "attention_distance.json").read_text())
     assert len(data[names[0]]["per_layer"]) == 2 and len(data[names[0]]["per_head"][0]) == 2
     assert (out / "attention_distance.png").is_file() and (out / "metrics.json").is_file()
+    on_object = data[names[0]]["attention_on_object"]
+    assert len(on_object["per_head"]) == 2 and on_object["images"] > 0 and on_object["mean"] > 0
 
 
 @pytest.mark.parametrize("model, error, message", [
@@ -108,3 +111,17 @@ def test_run_folder_without_card_is_clear(tmp_path):
     cfg = compose(["+method=attention", f"model={tmp_path / 'empty'}", f"out={tmp_path / 'run'}", "progress=false"])
     with pytest.raises(FileNotFoundError, match="has no teacher.json"):
         run(cfg)
+
+
+def test_attention_on_object_against_hand_made_maps():
+    # a 2 x 2 patch grid of 4 x 4 px patches; the object is the top-left patch (a quarter of the image)
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., :4, :4] = 1.0
+    uniform = torch.full((1, 1, 2, 2), 0.25)
+    half_on_object = torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6]).view(1, 1, 2, 2)
+    only_object = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    maps = torch.cat([uniform, half_on_object, only_object], dim=1) * 3.0  # unnormalised rows are renormalised
+    got = attention_on_object(maps, image, threshold=0.2)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64))
+    # an image of ground only has no object share to compare with: left out
+    assert attention_on_object(maps, torch.zeros(1, 1, 8, 8), threshold=0.2).shape == (0, 3)
