@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastdistill.data.transforms import random_hflip, random_resized_crop
+from fastdistill.data.transforms import INTERPOLATIONS, random_hflip, random_resized_crop
 
 
 @dataclass
@@ -34,12 +34,16 @@ class MultiCrop:
     grayscale_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # px at the crop's resolution (published 0.1-2.0 at 224 px)
     solarize_p: float = 0.2
+    interpolation: str = "bicubic"  # of the random-resized crops (published)
 
     def __post_init__(self):
         (gl, gh), (ll, lh) = self.global_scale, self.local_scale
         if not 0 < ll <= lh <= gl <= gh <= 1:
             raise ValueError(f"multi-crop scales must satisfy 0 < local min <= local max <= global min <= global max "
                              f"<= 1, got local {list(self.local_scale)} and global {list(self.global_scale)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown crop interpolation {self.interpolation!r}; expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         if self.num_local < 0 or self.local_size < 1 or self.global_size < 1:
             raise ValueError(f"multi-crop needs num_local >= 0 and sizes >= 1, got {self.num_local!r}, "
                              f"{self.local_size!r}, {self.global_size!r}")
@@ -53,7 +57,7 @@ class MultiCrop:
         return crops
 
     def _view(self, x: torch.Tensor, size: int, scale, blur_p: float, solarize_p: float) -> torch.Tensor:
-        v = random_resized_crop(x, (size, size), scale=tuple(scale))
+        v = random_resized_crop(x, (size, size), scale=tuple(scale), mode=self.interpolation)
         if self.hflip:
             v = random_hflip(v)
         v = color_jitter(v, self.jitter_p, self.brightness, self.contrast, self.saturation, self.hue,

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
 def to_input(x: torch.Tensor, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
     """uint8 or float (N, C, H, W) -> float32 (N, channels, *size) in [0, 1]."""
     if x.dtype == torch.uint8:
@@ -25,15 +27,16 @@ def to_input(x: torch.Tensor, size: tuple[int, int] | None = None, channels: int
 
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        generator: torch.Generator | None = None, per_sample: bool = True) -> torch.Tensor:
-    """Differentiable random-resized-crop via ``affine_grid``/``grid_sample`` (bilinear).
+                        generator: torch.Generator | None = None, per_sample: bool = True,
+                        mode: str = "bilinear") -> torch.Tensor:
+    """Differentiable random-resized-crop via ``affine_grid``/``grid_sample`` (``mode``: bilinear or bicubic).
 
     One window per sample, or one for the whole batch with ``per_sample=False`` (SRe2L/FADRM recovery).
     Every window lies inside the image: the published LGM augmentation lets about 14 % of windows leave
     it and pads zeros (METHODS.md), which this clamps away.
     """
     theta = crop_windows(x.shape[0] if per_sample else 1, scale, ratio, generator)
-    return apply_windows(x, theta.expand(x.shape[0], 2, 3), size)
+    return apply_windows(x, theta.expand(x.shape[0], 2, 3), size, mode)
 
 
 def crop_windows(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -54,10 +57,14 @@ def crop_windows(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return theta
 
 
-def apply_windows(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The windows ``theta`` (N, 2, 3) of the images ``x`` (N, C, H, W), resampled to ``size`` (bilinear)."""
+def apply_windows(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """The windows ``theta`` (N, 2, 3) of the [0, 1] images ``x`` (N, C, H, W), resampled to ``size``: bilinear, or
+    bicubic (what the published DINO and MAE crops use) clamped back to [0, 1] as PIL clamps its overshoot."""
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {mode!r}; expected one of {', '.join(INTERPOLATIONS)}")
     grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+    return out.clamp(0, 1) if mode == "bicubic" else out
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -74,8 +81,8 @@ def check_crop_scale(scale, key: str) -> None:
 
 
 def train_augment(x: torch.Tensor, size: tuple[int, int], scale, hflip: bool,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, mode: str = "bilinear") -> torch.Tensor:
     """The training augmentation of the recipes and evaluation trainings: a random-resized-crop of area ``scale``
-    to ``size``, then a flip (p 0.5) where the data allows it."""
-    x = random_resized_crop(x, size, scale=tuple(scale), generator=generator)
+    to ``size`` (``mode``: its interpolation), then a flip (p 0.5) where the data allows it."""
+    x = random_resized_crop(x, size, scale=tuple(scale), generator=generator, mode=mode)
     return random_hflip(x, generator=generator) if hflip else x

@@ -62,7 +62,8 @@ def build_multicrop(c: DictConfig, global_size: int, hflip: bool) -> MultiCrop:
                      jitter_p=float(c.jitter_p), brightness=float(c.brightness), contrast=float(c.contrast),
                      saturation=float(c.saturation), hue=float(c.get("hue", 0.0)),
                      jitter_random_order=bool(c.get("jitter_random_order", False)), grayscale_p=float(c.grayscale_p),
-                     blur_sigma=tuple(c.blur_sigma), solarize_p=float(c.solarize_p))
+                     blur_sigma=tuple(c.blur_sigma), solarize_p=float(c.solarize_p),
+                     interpolation=str(c.interpolation))
 
 
 class DINORecipe:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
-from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
+from fastdistill.data.transforms import INTERPOLATIONS, check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.epochs import Position, run_epochs
@@ -46,6 +46,9 @@ class MAERecipe:
         if not 0 <= m.mask_ratio < 1:
             raise ValueError(f"method.mask_ratio must be in [0, 1), got {m.mask_ratio!r}")
         check_crop_scale(m.crop_scale, "method.crop_scale")
+        if m.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown method.interpolation {m.interpolation!r}; expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         check_probe(m.probe)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -104,7 +107,7 @@ class MAERecipe:
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[self.position.step])
         x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
-        x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True))
+        x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True), mode=m.interpolation)
         ids_keep, mask, ids_restore = random_masking(x.shape[0], self.num_patches, m.mask_ratio, self.device)
         with self.precision.autocast():
             pred = self.forward(x, ids_keep, ids_restore)

@@ -125,6 +125,33 @@ def test_random_resized_crop_stays_inside():
     assert x.grad.abs().sum() > 0, "the crop must be differentiable"
 
 
+def test_bicubic_crop_matches_the_cubic_kernel_and_stays_in_range():
+    # a whole-image window at 2x: every output pixel is the a = -0.75 cubic interpolation of the input row
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64).view(1, 1, 1, 6).expand(1, 1, 4, 6)
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    from fastdistill.data.transforms import apply_windows
+
+    def cubic(t, a=-0.75):
+        t = abs(t)
+        return (a + 2) * t**3 - (a + 3) * t**2 + 1 if t <= 1 else a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0
+
+    row = x[0, 0, 0].tolist()
+    want = []
+    for j in range(12):
+        src = (j + 0.5) / 2 - 0.5  # align_corners=False
+        k0 = int(np.floor(src))
+        v = 0.0
+        for k in range(k0 - 1, k0 + 3):
+            kk = min(max(k, -k - 1), 2 * len(row) - 1 - k) if not 0 <= k < len(row) else k  # reflection padding
+            v += cubic(src - k) * row[kk]
+        want.append(min(max(v, 0.0), 1.0))
+    got = apply_windows(x, theta, (4, 12), mode="bicubic")[0, 0, 0]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert got.min() >= 0 and got.max() <= 1, "the cubic overshoot is clamped, as PIL clamps"
+    with pytest.raises(ValueError, match="unknown interpolation 'lanczos'"):
+        apply_windows(x, theta, (4, 12), mode="lanczos")
+
+
 def _stripes(path, size=(40, 80)):
     """An RGB image (H, W) = ``size``: left quarter red, right quarter blue, middle green."""
     h, w = size
