@@ -13,7 +13,6 @@ batches): nothing holds a whole split, so the full-data row works on an image fo
 """
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 
@@ -109,11 +108,10 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
     its slice, the loss is scaled so that the averaged gradient is the one-process batch mean."""
     g = torch.Generator().manual_seed(seed)
     d = test_feats.shape[1]
-    bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the run's own generator
     head = torch.nn.Linear(d, num_classes)
-    with torch.no_grad():
-        head.weight.copy_((torch.rand(num_classes, d, generator=g) * 2 - 1).mul_(bound))
-        head.bias.copy_((torch.rand(num_classes, generator=g) * 2 - 1).mul_(bound))
+    with torch.no_grad():  # W ~ N(0, 0.01^2), b = 0, as the published probes (LGM, DINO, MAE); the run's generator
+        head.weight.copy_(torch.randn(num_classes, d, generator=g).mul_(0.01))
+        head.bias.zero_()
     head = head.to(device)
     net, world = dist.wrap_ddp(head, device), dist.world_size()
     n = len(train_set)
@@ -201,7 +199,8 @@ def linear_probe_eval(backbone: Backbone, synthetic: ImageDataset, train_set: Im
                                             description=f"probe full data, run {r}", log=log,
                                             phase=f"probe/full/{r}", **common))
     for name, accs in rows.items():
-        out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        # the spread as the published evaluation reports it (np.std: ddof 0)
+        out[name] = {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
                      "runs": accs}
     return out
 
