@@ -36,8 +36,10 @@ def _coordinate_image(size: int) -> torch.Tensor:
 
 def test_multicrop_shapes_and_scales():
     torch.manual_seed(0)
+    # window geometry: bilinear sampling reads the linear coordinate image exactly (bicubic clamps to [0, 1])
     mc = MultiCrop(global_size=32, local_size=16, num_local=6, global_scale=(0.5, 1.0), local_scale=(0.1, 0.4),
-                   hflip=False, jitter_p=0.0, grayscale_p=0.0, blur_sigma=(1e-3, 1e-3), solarize_p=0.0)
+                   hflip=False, jitter_p=0.0, grayscale_p=0.0, blur_sigma=(1e-3, 1e-3), solarize_p=0.0,
+                   interpolation="bilinear")
     size = 128
     x = _coordinate_image(size).expand(200, -1, -1, -1)
     crops = mc(x)
