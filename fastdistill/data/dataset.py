@@ -31,6 +31,7 @@ class TrainCrop:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
+    interpolation: str = "bilinear"  # or bicubic (the published DINO and MAE crops)
 
 
 @dataclass
@@ -186,8 +187,9 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
             if train_crop is not None:
                 if min(im.size) > short:  # the crop sees no more detail than `short` px across the shorter side
                     im = TF.resize(im, short, antialias=True)
+                mode = v2.InterpolationMode(train_crop.interpolation)
                 im = v2.RandomResizedCrop(list(size), scale=train_crop.scale, ratio=train_crop.ratio,
-                                          antialias=True)(im)
+                                          interpolation=mode, antialias=True)(im)
                 if train_crop.hflip and torch.rand(()) < 0.5:
                     im = TF.horizontal_flip(im)
             else:

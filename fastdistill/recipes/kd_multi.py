@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.dataset import TrainCrop
 from fastdistill.data.transforms import to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.epochs import Position, run_epochs
@@ -115,7 +116,11 @@ class KDMultiRecipe:
         if m.train_per_class is not None:
             index = self.full_train.per_class(m.train_per_class, torch.Generator().manual_seed(cfg.seed))
             self.train_set = self.full_train.subset(index)
-        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=False,
+        # files streamed by the torch loader are cropped as they are decoded (on the whole image), as the teacher's
+        crop = TrainCrop(scale=tuple(m.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        train = self.train_set.train_view(crop) if cfg.loader == "torch" else self.train_set
+        self.crop_on_device = train.train_crop is None
+        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=False,
                                    seed=cfg.seed, num_workers=cfg.num_workers)
         self.steps_per_epoch = len(self.loader)
         self.classes = self.train_set.classes
@@ -209,6 +214,8 @@ class KDMultiRecipe:
             self.save_checkpoint()
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.crop_on_device:  # cropped and flipped by the loader at the data's size
+            return to_input(x.to(self.device, non_blocking=True), self.image_size)
         x = to_input(x.to(self.device, non_blocking=True))
         return train_augment(x, self.image_size, self.cfg.method.crop_scale, self.cfg.data.get("hflip", True))
 

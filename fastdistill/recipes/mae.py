@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
+from fastdistill.data.dataset import TrainCrop
 from fastdistill.data.transforms import INTERPOLATIONS, check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine import Precision, maybe_compile, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
@@ -62,7 +63,12 @@ class MAERecipe:
         # data: uint8 batches, augmented on the device
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
-        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
+        # files streamed by the torch loader are cropped as they are decoded (on the whole image), as the teacher's
+        crop = TrainCrop(scale=tuple(m.crop_scale), hflip=bool(cfg.data.get("hflip", True)),
+                         interpolation=m.interpolation)
+        train = self.train_set.train_view(crop) if cfg.loader == "torch" else self.train_set
+        self.crop_on_device = train.train_crop is None
+        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=True,
                                    seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
                                    world_size=dist.world_size())
         if len(self.loader) == 0:
@@ -106,8 +112,11 @@ class MAERecipe:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[self.position.step])
-        x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
-        x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True), mode=m.interpolation)
+        if self.crop_on_device:
+            x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
+            x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True), mode=m.interpolation)
+        else:  # cropped and flipped by the loader at the data's size
+            x = to_input(x.to(self.device, non_blocking=True), self.image_size, x.shape[1])
         ids_keep, mask, ids_restore = random_masking(x.shape[0], self.num_patches, m.mask_ratio, self.device)
         with self.precision.autocast():
             pred = self.forward(x, ids_keep, ids_restore)

@@ -100,6 +100,36 @@ def test_teacher_crops_files_as_it_decodes(folder, tmp_path):
     assert len(recipe.history) == 1 and torch.isfinite(torch.tensor(recipe.history[0]["train_loss"]))
 
 
+VIT32 = "{img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}"
+
+
+def test_mae_crops_files_as_it_decodes_bicubic(folder, tmp_path):
+    from fastdistill.recipes.mae import MAERecipe
+
+    cfg = _cfg(folder, "+method=mae", "preset=smoke", "model=timm:vit_tiny_patch16_224",
+               f"++method.model_kwargs={VIT32}", "method.epochs=1", "method.batch_size=50", f"out={tmp_path / 'mae'}")
+    recipe = MAERecipe(cfg)
+    recipe.setup()
+    crop = recipe.loader.dataset.train_crop
+    assert not recipe.crop_on_device and crop.interpolation == "bicubic" and crop.scale == (0.2, 1.0)
+    recipe.train()
+    assert len(recipe.history) == 1 and torch.isfinite(torch.tensor(recipe.history[0]["train_loss"]))
+
+
+def test_kd_multi_student_crops_files_as_it_decodes(folder, tmp_path):
+    from fastdistill.recipes.kd_multi import KDMultiRecipe
+
+    vit = [f"++method.model_kwargs={VIT32}", "method.teachers.cl.weights=none", "method.teachers.mim.weights=none",
+           f"++method.teachers.cl.model_kwargs={VIT32}", f"++method.teachers.mim.model_kwargs={VIT32}"]
+    cfg = _cfg(folder, "+method=kd_multi", "preset=smoke", "model=timm:vit_tiny_patch16_224", *vit,
+               "method.train_per_class=2", "method.epochs=1", "method.batch_size=50", f"out={tmp_path / 'kd'}")
+    recipe = KDMultiRecipe(cfg)
+    recipe.setup()
+    assert not recipe.crop_on_device and recipe.loader.dataset.train_crop is not None
+    x, _ = next(iter(recipe.loader.epoch(0)))
+    assert recipe._augment(x).shape[-2:] == (32, 32)
+
+
 @pytest.mark.slow
 def test_rehearsal_memory_is_flat_in_images_per_class(tmp_path):
     # the benchmark at a tenth of its size: 100 classes, 2 and 6 JPEGs per class; it exits 1 when peak memory grows
