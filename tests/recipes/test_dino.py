@@ -137,7 +137,7 @@ def test_dino_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "broken")
     monkeypatch.setattr(dino, "save_checkpoint", real_save)
-    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
     _run(tmp_path, "broken", "resume=true")
     b = load_file(str(tmp_path / "broken" / "model.safetensors"))
     for k in sd:

@@ -109,7 +109,7 @@ def test_resume_equals_unbroken_run(tmp_path, monkeypatch):
     monkeypatch.setattr(kd_clip, "save_checkpoint", real_save)
     resumed = KDClipRecipe(_cfg(tmp_path, "broken", *extra, "resume=true"))
     resumed.setup()
-    assert (resumed.stage, resumed.step) == ("kd", 3)
+    assert (resumed.stage, resumed.position.step) == ("kd", 3)
     resumed.train()
     assert resumed.results == full.results
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]

@@ -146,7 +146,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     def save_then_die(out_dir, state):
         real_save(out_dir, state)
         calls["n"] += 1
-        if state["stage"] == "kd" and state["step"] == 3:  # mid-epoch 0 of the KD stage
+        if state["stage"] == "kd" and state["position"]["step"] == 3:  # mid-epoch 0 of the KD stage
             raise KeyboardInterrupt
 
     monkeypatch.setattr(kd_multi, "save_checkpoint", save_then_die)

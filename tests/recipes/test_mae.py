@@ -138,7 +138,7 @@ def test_mae_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "broken")
     monkeypatch.setattr(mae, "save_checkpoint", real_save)
-    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["position"]["step"] == 5
     _run(tmp_path, "broken", "resume=true")
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "broken" / "model.safetensors"))
     for k in a:
