@@ -112,10 +112,16 @@ def fastdistill_fadrm(args, resolution: int, precision: str, tmp: str):
     return recovery_closure("fast_bn", ns, torch.device("cpu"), tmp, precision=precision, stages=1)
 
 
-def fadrm_providers(args, resolution: int, tmp: str) -> dict:
-    runs = {"official": official_fadrm(args.fadrm_repo, args, resolution)}
-    for precision in args.precisions:
-        runs[f"fastdistill_{precision}"] = fastdistill_fadrm(args, resolution, precision, f"{tmp}/{precision}")
+def fadrm_providers(args, resolution: int, tmp: str, only: str | None = None) -> dict:
+    """Closures by provider name (``only``: that one alone)."""
+    names = ["official"] + [f"fastdistill_{p}" for p in args.precisions]
+    runs = {}
+    for name in [only] if only else names:
+        if name == "official":
+            runs[name] = official_fadrm(args.fadrm_repo, args, resolution)
+        else:
+            precision = name.rsplit("_", 1)[1]
+            runs[name] = fastdistill_fadrm(args, resolution, precision, f"{tmp}/{precision}")
     return runs
 
 
@@ -221,10 +227,12 @@ def fastdistill_lgm(args, backbone, real: tuple, chunk_size, precision: str, tmp
     return step
 
 
-def lgm_providers(args, backbone_name: str, tmp: str) -> dict:
+def lgm_providers(args, backbone_name: str, tmp: str, only: str | None = None) -> dict:
+    """Closures by provider name (``only``: that one alone), each on its own copy of the same random-init backbone
+    (a recipe may change its layout) and the same real batch."""
     from fastdistill.models import create_backbone
 
-    def backbone():  # the same weights for every provider, one module each (a recipe may change its layout)
+    def backbone():
         torch.manual_seed(0)
         return create_backbone(backbone_name, pretrained="none",
                                **({"img_size": args.lgm_size} if "vit" in backbone_name else {}))
@@ -233,13 +241,16 @@ def lgm_providers(args, backbone_name: str, tmp: str) -> dict:
     gen = torch.Generator().manual_seed(0)
     real = (torch.rand(n, 3, args.lgm_size, args.lgm_size, generator=gen),
             torch.randint(0, args.lgm_classes, (n,), generator=gen))
-    runs = {"official": official_lgm(args.lgm_repo, args, backbone_name, backbone(), real)}
     chunks = {"one_pass": 0, "two_pass_auto": "auto", **({f"two_pass_{args.lgm_chunk}": args.lgm_chunk}
                                                            if args.lgm_chunk else {})}
-    for precision in args.precisions:
-        for name, chunk in chunks.items():
-            runs[f"{name}_{precision}"] = fastdistill_lgm(args, backbone(), real, chunk, precision,
-                                                          f"{tmp}/{name}_{precision}")
+    names = ["official"] + [f"{c}_{p}" for p in args.precisions for c in chunks]
+    runs = {}
+    for name in [only] if only else names:
+        if name == "official":
+            runs[name] = official_lgm(args.lgm_repo, args, backbone_name, backbone(), real)
+        else:
+            step, precision = name.rsplit("_", 1)
+            runs[name] = fastdistill_lgm(args, backbone(), real, chunks[step], precision, f"{tmp}/{name}")
     return runs
 
 
@@ -273,8 +284,8 @@ def rows_of(benchmark: str, shape: str, times: dict[str, list[float]], per: int,
 
 
 def peak_child(argv: list[str], job: str) -> float:
-    """MiB by which one call of ``job`` (``fadrm:<res>:<provider>`` or ``lgm:<backbone>:<provider>``) raises a fresh
-    process's peak RSS above its state after set-up."""
+    """MiB by which one call of ``job`` (``fadrm:<res>:<provider>`` or ``lgm:<backbone>:<provider>``) raises the peak
+    RSS of a fresh process that set up that provider alone (its first call: activations, optimiser state, caches)."""
     out = subprocess.run([sys.executable, __file__, *argv, "--peak-child", job], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{out.stderr[-3000:]}")
@@ -285,14 +296,38 @@ def run_peak_child(args, job: str) -> None:
     kind, rest = job.split(":", 1)
     what, provider = rest.rsplit(":", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = fadrm_providers(args, int(what), tmp) if kind == "fadrm" else lgm_providers(args, what, tmp)
-        fn = runs[provider]
-        del runs  # the other providers' closures keep their models and buffers, not their activations
-        fn()  # set-up allocations of the first call (oneDNN primitives, Adam state) are not the step's
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if kind == "fadrm":
+            res = int(what)
+            sub = argparse.Namespace(**{**vars(args), "classes": args.classes_224 if res >= 224 else args.classes})
+            fn = fadrm_providers(sub, res, tmp, only=provider)[provider]
+        else:
+            fn = lgm_providers(args, what, tmp, only=provider)[provider]
+        before = _reset_peak_rss()
         fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        peak = _peak_rss() - before
     print(json.dumps({"peak_mib": peak}))
+
+
+def _status_mib(key: str) -> float | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak RSS to its current RSS where Linux allows it (``clear_refs`` 5), so that the
+    peak after a call is that call's, not set-up's; returns the RSS to measure from (MiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss() -> float:
+    return _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None):
