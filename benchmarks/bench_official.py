@@ -30,8 +30,8 @@ Times are medians of ``--rounds`` rounds (providers rotated each round); the rat
 within each round, and reported as its median and range. ``--peak-memory`` adds, per provider, the growth of a
 fresh process's peak RSS over one step (the official step's included).
 
-    git --git-dir <mirror of Jiacheng8/FADRM> archive HEAD recover | tar x -C /tmp/fadrm        # any checkout
-    git --git-dir <mirror of linear-gradient-matching> archive HEAD src | tar x -C /tmp/lgm
+    git clone https://github.com/Jiacheng8/FADRM /tmp/fadrm                     # or the paths: recover models
+    git clone https://github.com/GeorgeCazenavette/linear-gradient-matching /tmp/lgm
     python benchmarks/bench_official.py --fadrm-repo /tmp/fadrm --lgm-repo /tmp/lgm --peak-memory
 
 The official FADRM utilities import OpenCV (``opencv-python-headless``); the LGM pyramid imports ``einops``.
