@@ -66,16 +66,20 @@ class NoBNTap(BNStatsTap):
             self.terms.append(inputs[0].new_zeros((), dtype=torch.float32))
 
 
-def recovery_closure(provider: str, args, device: torch.device, out_dir: str):
-    """A closure recovering one batch (one image per class) with ``provider``'s settings."""
+def recovery_closure(provider: str, args, device: torch.device, out_dir: str, precision: str | None = None,
+                     stages: int = 4):
+    """A closure recovering one batch (one image per class) with ``provider``'s settings; ``precision`` overrides
+    the provider's, ``stages`` the number of stages (``args.iterations`` each), ``args.roll`` the roll (default
+    resolution / 8)."""
     full, low = args.resolution, args.low
-    sizes = [full] * 4 if provider in ("eager", "no_bn", "fast_bn") else [low, full, low, full]
-    precision = "fp32"
-    if provider == "mpt_mro":
-        precision = "fp16" if device.type == "cuda" else "bf16"
+    sizes = [full] * stages if provider in ("eager", "no_bn", "fast_bn") else [low, full] * (stages // 2)
+    if precision is None:
+        precision = "fp32"
+        if provider == "mpt_mro":
+            precision = "fp16" if device.type == "cuda" else "bf16"
     cfg = compose(["+method=fadrm", f"device={device.type}", f"precision={precision}", "ipc=1", "progress=false",
                    f"out={out_dir}/{provider}", f"method.stage_sizes=[{','.join(map(str, sizes))}]",
-                   f"method.stage_iterations={args.iterations}", f"method.roll={max(1, full // 8)}",
+                   f"method.stage_iterations={args.iterations}", f"method.roll={getattr(args, 'roll', max(1, full // 8))}",
                    f"method.batch_size={args.classes}"])
     recipe = FADRMRecipe(cfg)
     torch.manual_seed(0)

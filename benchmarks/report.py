@@ -15,7 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ["shape", "layout", "mode", "dtype", "provider"]  # identify a row, when present
-NUMBERS = ["ms_p50", "ms_p20", "ms_p80", "speedup", "images_per_s", "peak_mib", "saved_mib", "memory_ratio",
+NUMBERS = ["ms_p50", "ms_p20", "ms_p80", "speedup", "speedup_min", "speedup_max", "images_per_s", "peak_mib", "saved_mib", "memory_ratio",
            "saved_ratio"]
 
 
@@ -28,8 +28,10 @@ def _fmt(v) -> str:
 def table(record: dict) -> str:
     rows = record["rows"]
     cols = [k for k in KEYS if any(k in r for r in rows)] + [k for k in NUMBERS if any(k in r for r in rows)]
-    lines = [f"`{record['benchmark']}` on {record['device']}, torch {record['torch']}, git {record['git_sha']}, "
-             f"{record['date']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cpu = record.get("cpu") or {}
+    machine = f" ({cpu['model']}; {', '.join(cpu['flags'])})" if cpu.get("model") else ""
+    lines = [f"`{record['benchmark']}` on {record['device']}{machine}, torch {record['torch']}, git "
+             f"{record['git_sha']}, {record['date']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 

@@ -127,12 +127,12 @@ def check_common(cfg: DictConfig) -> None:
     from fastdistill.data import LOADERS
     from fastdistill.engine.device import resolve_device
     from fastdistill.engine.metric_log import check_logger
-    from fastdistill.engine.precision import PRECISIONS
+    from fastdistill.engine.precision import CHOICES
 
     check_types(cfg)
     check_logger(cfg.get("logger", "jsonl"))
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {cfg.precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if cfg.precision not in CHOICES:
+        raise ValueError(f"unknown precision {cfg.precision!r}; expected one of {', '.join(CHOICES)}")
     if cfg.loader not in LOADERS:
         raise ValueError(f"unknown loader {cfg.loader!r}; expected one of {', '.join(LOADERS)}")
     check_out(cfg)

@@ -1,7 +1,7 @@
 """The command line: ``python -m fastdistill.run +method=NAME key=value ...`` (Hydra).
 
 Common overrides, the same for every method: ``data=NAME data.root=PATH ipc=N seed=N device=auto|cpu|cuda
-precision=fp32|bf16|fp16 out=PATH preset=smoke|default|paper resume=true``. Composition and checks live in
+precision=fp32|bf16|fp16|auto out=PATH preset=smoke|default|paper resume=true``. Composition and checks live in
 ``config.py``, running a composed config in ``api.py``; this module only turns errors into one line and exit 2.
 """
 from __future__ import annotations

@@ -286,6 +286,29 @@ class BNStatsFunction(torch.autograd.Function):
         return bn_stats_bwd(x, coef, grad_output), None, None
 
 
+def _bn_stats_torch_fwd(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
+    """The loss and the (1, C, 1, 1) fp32 coefficients a, b of dL/dx = a x + b (:class:`BNStatsFunction`)."""
+    n_channels = x.shape[1]
+    shape = (1, n_channels) + (1,) * (x.dim() - 2)
+    dims = (0,) + tuple(range(2, x.dim()))
+    inv_m = 1.0 / (x.numel() // n_channels)
+    running_mean = running_mean.to(torch.float32).reshape(shape)
+    running_var = running_var.to(torch.float32).reshape(-1)
+    # fp32 whatever x's dtype (type promotion with the fp32 shift); shifted as in _bn_stats_fwd_kernel
+    d = x - running_mean
+    d_mean = d.sum(dims) * inv_m
+    # squared in place: a second input-sized temporary would cost as much as the reduction
+    d_var = d.square_().sum(dims) * inv_m - d_mean.square() - running_var
+    norm_mean = torch.linalg.vector_norm(d_mean)
+    norm_var = torch.linalg.vector_norm(d_var)
+    # 0 where a norm is 0 (torch's subgradient), as in _bn_stats_finalize_kernel
+    g_var = d_var / torch.where(norm_var > 0, norm_var, 1.0)
+    g_mean = d_mean / torch.where(norm_mean > 0, norm_mean, 1.0)
+    a = 2.0 * inv_m * g_var
+    b = inv_m * g_mean - a * (running_mean.reshape(-1) + d_mean)
+    return norm_var + norm_mean, a.reshape(shape), b.reshape(shape)
+
+
 class BNStatsTorchFunction(torch.autograd.Function):
     """The same loss and gradient as :class:`BNStatsFunction` in plain torch, for CPU.
 
@@ -297,32 +320,64 @@ class BNStatsTorchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-        n_channels = x.shape[1]
-        shape = (1, n_channels) + (1,) * (x.dim() - 2)
-        dims = (0,) + tuple(range(2, x.dim()))
-        inv_m = 1.0 / (x.numel() // n_channels)
-        running_mean = running_mean.to(torch.float32).reshape(shape)
-        running_var = running_var.to(torch.float32).reshape(-1)
-        # fp32 whatever x's dtype (type promotion with the fp32 shift); shifted as in _bn_stats_fwd_kernel
-        d = x - running_mean
-        d_mean = d.sum(dims) * inv_m
-        # squared in place: a second input-sized temporary would cost as much as the reduction
-        d_var = d.square_().sum(dims) * inv_m - d_mean.square() - running_var
-        norm_mean = torch.linalg.vector_norm(d_mean)
-        norm_var = torch.linalg.vector_norm(d_var)
-        # 0 where a norm is 0 (torch's subgradient), as in _bn_stats_finalize_kernel
-        g_var = d_var / torch.where(norm_var > 0, norm_var, 1.0)
-        g_mean = d_mean / torch.where(norm_mean > 0, norm_mean, 1.0)
-        a = 2.0 * inv_m * g_var
-        b = inv_m * g_mean - a * (running_mean.reshape(-1) + d_mean)
-        ctx.save_for_backward(x, a.reshape(shape), b.reshape(shape))
-        return norm_var + norm_mean
+        loss, a, b = _bn_stats_torch_fwd(x, running_mean, running_var)
+        ctx.save_for_backward(x, a, b)
+        return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         x, a, b = ctx.saved_tensors
         return torch.addcmul(b * grad_output, x, a * grad_output).to(x.dtype), None, None
+
+
+class BNEvalStatsTorchFunction(torch.autograd.Function):
+    r"""An eval-mode BN layer and its BN-statistics loss as one autograd node, in plain torch (CPU).
+
+    Forward: ``y = x * scale + shift`` (the layer with running statistics: scale = w / sqrt(var + eps),
+    shift = b - mean * scale) and the loss of :class:`BNStatsTorchFunction`. Backward, both gradients at once:
+
+    .. math::
+        \frac{\partial}{\partial x_i} = g^y_i \, s_c + (a_c x_i + b_c) \, g^L
+
+    one ``addcmul`` and one in-place ``addcmul_`` where autograd would run the layer's backward, the loss's and
+    their sum (three x-sized results written). Saves x and per-channel coefficients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, out_dtype: torch.dtype):
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        scale, shift = scale.reshape(shape), shift.reshape(shape)
+        y = torch.addcmul(shift.to(out_dtype), x.to(out_dtype), scale.to(out_dtype))
+        loss, a, b = _bn_stats_torch_fwd(x, running_mean, running_var)
+        ctx.save_for_backward(x, a, b, scale)
+        return y, loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor | None, grad_loss: torch.Tensor | None):
+        x, a, b, scale = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad = torch.addcmul(b * grad_loss, x, a * grad_loss)
+        if grad_y is not None:
+            grad.addcmul_(grad_y, scale)
+        return grad.to(x.dtype), None, None, None, None, None
+
+
+def bn_eval_with_stats_loss(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, out_dtype: torch.dtype):
+    """``(bn(x), bn_stats_loss(x, bn.running_mean, bn.running_var))`` of an eval-mode BN layer as one node
+    (:class:`BNEvalStatsTorchFunction`): the same values and gradients; the FADRM recovery step on CPU writes one
+    x-sized gradient per BN layer instead of three. ``out_dtype``: the layer's output dtype (autocast)."""
+    _check_bn_input(x, bn.running_mean, bn.running_var)
+    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32 coefficients (float64 in tests)
+    inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    weight = bn.weight.to(dtype) if bn.weight is not None else torch.ones_like(inv_std)
+    bias = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(inv_std)
+    scale = weight * inv_std
+    return BNEvalStatsTorchFunction.apply(x, scale, bias - bn.running_mean.to(dtype) * scale, bn.running_mean,
+                                          bn.running_var, out_dtype)
 
 
 def bn_stats_loss(

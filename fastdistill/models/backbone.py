@@ -9,6 +9,40 @@ import torch.nn as nn
 from fastdistill.models.spec import BackboneSpec
 
 
+class _Relayout(torch.autograd.Function):
+    """``x`` in ``forward_format``, its gradient returned in ``backward_format``: each side of a re-laid-out op keeps
+    one layout (a channels_last gradient meeting an NCHW tensor takes torch's slow mixed-layout kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, forward_format, backward_format):
+        ctx.backward_format = backward_format
+        return x.contiguous(memory_format=forward_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.backward_format), None, None
+
+
+def _max_pool_channels_last(module: nn.Module, args: tuple):
+    """Forward pre-hook: a CPU NCHW input is pooled as channels_last. torch's NCHW max-pool kernel on CPU is
+    scalar: measured (1 thread, (100, 64, 32, 32) fp32) 114 ms against 10 ms for channels_last plus 15 ms for
+    the copy; 9-12 % of a ResNet-18 step (FADRM recovery, LGM). Max-pooling is exact, so values and gradients
+    are unchanged."""
+    x = args[0]
+    module._relaid = x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and x.shape[1] > 1 \
+        and not x.is_contiguous(memory_format=torch.channels_last)
+    if module._relaid:
+        return (_Relayout.apply(x, torch.channels_last, torch.contiguous_format),) + tuple(args[1:])
+    return None
+
+
+def _max_pool_back_to_nchw(module: nn.Module, args: tuple, output):
+    if getattr(module, "_relaid", False) and isinstance(output, torch.Tensor):
+        module._relaid = False
+        return _Relayout.apply(output, torch.contiguous_format, torch.channels_last)
+    return None
+
+
 class Backbone(nn.Module):
     """A vision backbone behind one interface.
 
@@ -34,6 +68,10 @@ class Backbone(nn.Module):
         self._attention = attention_modules or []
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        for m in model.modules():
+            if isinstance(m, nn.MaxPool2d):
+                m.register_forward_pre_hook(_max_pool_channels_last)
+                m.register_forward_hook(_max_pool_back_to_nchw)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the model's input: 3 channels, its mean/std; checks the resolution."""

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from fastdistill.kernels.bn_stats import bn_stats_loss
+from fastdistill.kernels.bn_stats import bn_eval_with_stats_loss, bn_stats_loss
 from fastdistill.models.backbone import Backbone
 from fastdistill.models.timm_source import queries_keys
 
@@ -39,8 +39,18 @@ class BNStatsTap:
             self.active = False
 
     def _hook(self, module, inputs, output):
-        if self.active:
-            self.terms.append(bn_stats_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend))
+        if not self.active:
+            return None
+        x = inputs[0]
+        if not module.training and (self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda")) \
+                and module.weight is not None and not module.weight.requires_grad:
+            # the torch path: the layer and its term as one node, whose backward writes one gradient where autograd
+            # would write three (the layer's, the term's, their sum); the layer's own output is recomputed (cheap)
+            y, term = bn_eval_with_stats_loss(x, module, output.dtype)
+            self.terms.append(term)
+            return y
+        self.terms.append(bn_stats_loss(x, module.running_mean, module.running_var, backend=self.backend))
+        return None
 
     def loss(self) -> torch.Tensor:
         """The weighted sum over the last forward pass (fp32 scalar); clears the collected terms."""

@@ -41,6 +41,7 @@ from fastdistill.artifacts import RunDir, read_distilled, to_uint8
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import apply_windows, crop_windows, random_resized_crop, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
+from fastdistill.engine.precision import channels_last_pays
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
@@ -123,6 +124,8 @@ class FADRMRecipe:
         cfg, m = self.cfg, self.cfg.method
         self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
         self.teachers = [t.to(self.device) for t in teachers]
+        if channels_last_pays(self.device, self.precision):
+            self.teachers = [t.to(memory_format=torch.channels_last) for t in self.teachers]
         self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
         # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
         spec = self.teachers[0].spec
@@ -473,7 +476,7 @@ class FADRMRecipe:
                    "seconds_per_image": recover_s / self.n_images if recover_s else 0.0}
         self.out.write_json("metrics.json", metrics)
         self.out.write_manifest(cfg, self.device, teachers=self.teacher_cards, classes=self.classes,
-                                variant=cfg.method.variant)
+                                variant=cfg.method.variant, precision=self.precision.name)
         self.out.write_json("profile.json", self.profiler.report())
         return metrics
 

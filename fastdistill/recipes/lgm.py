@@ -43,6 +43,7 @@ from fastdistill.engine import Precision, resolve_device, resume_checkpoint, sav
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.compile import should_compile
 from fastdistill.engine.memory import auto_chunk_size
+from fastdistill.engine.precision import channels_last_pays
 from fastdistill.eval.linear_probe import (check_probe_config, linear_probe_eval, load_evaluator, result_rows,
                                            same_architecture)
 from fastdistill.kernels.grad_cosine import (grad_cosine_feature_grad, grad_cosine_loss, linear_head_grad,
@@ -161,17 +162,22 @@ class LGMRecipe:
         self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
         self.view_size = (int(m.image_size), int(m.image_size)) if m.image_size else self.image_size
         self.backbones = [b.to(self.device).freeze() for b in backbones]
+        if channels_last_pays(self.device, self.precision):
+            self.backbones = [b.to(memory_format=torch.channels_last) for b in self.backbones]
         for b in self.backbones:
             if b.spec.fixed_size and tuple(b.spec.input_size) != self.view_size:
                 raise ValueError(f"{b.spec.name} takes {b.spec.input_size[0]} px views but method.image_size gives "
                                  f"{self.view_size[0]}; set method.image_size={b.spec.input_size[0]}")
         compile_ = should_compile(cfg.compile, self.device)
         self.embeds = [torch.compile(b.embed) if compile_ else b.embed for b in self.backbones]
+        self.n_images = num_classes * cfg.ipc
         self.chunk_size = m.get("chunk_size", 0)
         if self.chunk_size == "auto":
             self.chunk_size = auto_chunk_size(self.backbones, self.view_size, self.precision,
                                               m.get("memory_budget_mib"))
-        self.n_images = num_classes * cfg.ipc
+            if self.chunk_size >= m.augs_per_batch * self.n_images:
+                # every view fits the budget at once: keep pass 1's graph (the one-pass step, no second forward)
+                self.chunk_size = 0
         self.labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)  # class-major
         self.sizes = pyramid_sizes(*self.image_size) if m.parametrization == "pyramid" else [self.image_size]
         self.hflip = bool(cfg.data.get("hflip", True))
@@ -472,7 +478,7 @@ class LGMRecipe:
                    "iterations_per_s": self.step / seconds if seconds else None}
         self.out.write_json("metrics.json", metrics)
         self.out.write_manifest(cfg, self.device, backbones=self.backbone_cards, classes=self.classes,
-                                evaluator=getattr(self, "evaluator_card", None))
+                                evaluator=getattr(self, "evaluator_card", None), precision=self.precision.name)
         self.out.write_json("profile.json", self.profiler.report())
         return metrics
 

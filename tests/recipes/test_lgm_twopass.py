@@ -102,7 +102,8 @@ def test_auto_chunk_size_is_the_budget_over_the_saved_activations_per_view(tmp_p
     budget = 7.5 * per_view
     auto = _recipe(tmp_path, FAMILIES[:2], "method.chunk_size=auto", f"method.memory_budget_mib={budget}")
     assert auto.chunk_size == 7, f"auto chunk for a budget of 7.5 views' activations: {auto.chunk_size}"
-    assert _recipe(tmp_path, FAMILIES[:1], "method.chunk_size=auto").chunk_size > 100, "the default budget"
+    assert _recipe(tmp_path, FAMILIES[:1], "method.chunk_size=auto").chunk_size == 0, \
+        "the default budget holds every view: one pass, no second forward"
 
 
 @pytest.mark.parametrize("extra, message", [
