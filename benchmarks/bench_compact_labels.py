@@ -6,7 +6,8 @@ against online relabelling, on a saved FADRM set.
 
 Every format trains the same student from the same seed (same initial weights, same crops in the same order), so
 the accuracies differ by the labels alone; online relabelling is the reference. Writes
-``benchmarks/results/compact_labels_cpu.json`` and prints the README table (mean +- std over the seeds).
+``benchmarks/results/compact_labels_cpu.json`` and prints the README table (mean +- std over the seeds). On a busy
+machine, one process per seed (``--seeds 0``, ``--seeds 1``, ...) and ``--merge OUT.json PARTS...`` join them.
 """
 from __future__ import annotations
 
@@ -103,8 +104,19 @@ def report(record: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(out: str, parts: list[str]) -> dict:
+    """One record from runs of single seeds (run side by side, one process per seed, on a shared machine)."""
+    records = [json.loads(Path(f).read_text()) for f in parts]
+    record = {**records[0], "seeds": [s for r in records for s in r["seeds"]],
+              "rows": [row for r in records for row in r["rows"]]}
+    Path(out).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":  # --report RESULT.json
         print(report(json.loads(Path(sys.argv[2]).read_text())))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--merge":  # --merge OUT.json SEED0.json SEED1.json ...
+        print(report(merge(sys.argv[2], sys.argv[3:])))
     else:
         main()
