@@ -10,8 +10,9 @@ that is 2 C bytes per crop (2 kB at ImageNet-1k, about 30 GB for a published run
     quant:B     the logits quantised to B bits (B = 8 or 4) between the     B C / 8 + 4 bytes per row
                 row's min and max (two fp16 numbers)
 
-:func:`encode` and :func:`decode` convert one batch of rows; :func:`write_shards` and :class:`SoftLabelShards` store
-and read them as safetensors files that a stock ``DataLoader`` reads row by row (no patched fetcher).
+:func:`encode` and :func:`decode` convert one batch of rows; :func:`write_shards` (or :class:`SoftLabelWriter`, batch by
+batch) and :class:`SoftLabelShards` store and read them as safetensors files that a stock ``DataLoader`` reads row by
+row (no patched fetcher).
 """
 from __future__ import annotations
 
@@ -101,18 +102,65 @@ def decode(tensors: dict[str, torch.Tensor], fmt: str, num_classes: int, tempera
 def write_shards(folder: str | Path, logits: torch.Tensor, fmt: str, temperature: float = 1.0,
                  rows_per_shard: int = 4096) -> Path:
     """``logits`` (N, C) encoded in ``fmt`` as ``folder/shard_<k>.safetensors`` plus ``folder/index.json``."""
-    from safetensors.torch import save_file
+    with SoftLabelWriter(folder, fmt, logits.shape[1], temperature, rows_per_shard) as writer:
+        writer.add(logits)
+    return Path(folder)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(logits), rows_per_shard))
-    for k, start in enumerate(starts):
-        part = encode(logits[start:start + rows_per_shard], fmt, temperature)
-        save_file({name: t.contiguous() for name, t in part.items()}, str(folder / f"shard_{k:05d}.safetensors"))
-    index = {"format": fmt, "temperature": temperature, "num_classes": logits.shape[1], "rows": len(logits),
-             "shard_starts": starts, "bytes_per_row": bytes_per_row(fmt, logits.shape[1])}
-    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return folder
+
+class SoftLabelWriter:
+    """Rows appended batch by batch (``add``), written as shards of ``rows_per_shard`` rows once full: memory holds
+    at most one shard of logits, however many crops a relabelling pass produces. ``close`` (or leaving the ``with``
+    block) writes the last shard and ``index.json``, which :class:`SoftLabelShards` reads."""
+
+    def __init__(self, folder: str | Path, fmt: str, num_classes: int, temperature: float = 1.0,
+                 rows_per_shard: int = 4096):
+        parse_format(fmt)
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard!r}")
+        self.folder, self.format, self.num_classes = Path(folder), fmt, int(num_classes)
+        self.temperature, self.rows_per_shard = float(temperature), int(rows_per_shard)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.starts: list[int] = []
+        self.rows, self.payload_bytes = 0, 0
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        """Append (n, C) logits of any float dtype and device."""
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"soft labels: expected (n, {self.num_classes}) logits, got {tuple(logits.shape)}")
+        self._pending.append(logits.detach().float().cpu())
+        self._pending_rows += len(logits)
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, n: int) -> None:
+        from safetensors.torch import save_file
+
+        rows = torch.cat(self._pending)
+        part, rest = rows[:n], rows[n:]
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+        tensors = {name: t.contiguous() for name, t in encode(part, self.format, self.temperature).items()}
+        save_file(tensors, str(self.folder / f"shard_{len(self.starts):05d}.safetensors"))
+        self.starts.append(self.rows)
+        self.rows += len(part)
+        self.payload_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def close(self) -> Path:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        index = {"format": self.format, "temperature": self.temperature, "num_classes": self.num_classes,
+                 "rows": self.rows, "shard_starts": self.starts,
+                 "bytes_per_row": bytes_per_row(self.format, self.num_classes), "payload_bytes": self.payload_bytes}
+        (self.folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return self.folder
+
+    def __enter__(self) -> "SoftLabelWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
 
 
 class SoftLabelShards(torch.utils.data.Dataset):

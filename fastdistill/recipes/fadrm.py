@@ -45,7 +45,9 @@ from fastdistill.engine.precision import channels_last_pays
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
-from fastdistill.eval.student import StudentConfig, teacher_logits, train_student
+from fastdistill.data.soft_labels import parse_format
+from fastdistill.eval.ddranking import check_ddranking_config, ddranking_eval, print_result
+from fastdistill.eval.student import StudentConfig, store_soft_labels, teacher_logits, train_student
 from fastdistill.kernels.bn_stats import arc_update
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
@@ -65,6 +67,10 @@ class FADRMRecipe:
             raise ValueError(f"method.init must be patches or noise, got {m.init!r}")
         if m.relabel not in ("online", "store"):
             raise ValueError(f"method.relabel must be online or store, got {m.relabel!r}")
+        parse_format(m.get("label_format", "fp16"))
+        self.ddranking = cfg.get("eval") is not None and cfg.eval.get("name") == "ddranking"
+        if self.ddranking:
+            check_ddranking_config(cfg.eval)
         if not m.teachers:
             raise ValueError("method.teachers is empty; name at least one BN teacher, e.g. [timm:resnet18]")
         if isinstance(m.teacher_calibration, bool) or not isinstance(m.teacher_calibration, int) \
@@ -93,6 +99,7 @@ class FADRMRecipe:
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.precision, self.device)
         self.out = RunDir(cfg.out)
+        self.label_stats, self.ddranking_result = {}, None  # filled by evaluate
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -413,6 +420,14 @@ class FADRMRecipe:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         cfg, e = self.cfg, self.cfg.method.eval
+        self.label_stats, self.ddranking_result = {}, None
+        if self.ddranking:  # eval=ddranking replaces the students table
+            distilled = read_distilled(self.out.path, self.classes, self.channels)
+            with self.profiler.phase("evaluate"):
+                self.ddranking_result = ddranking_eval(
+                    distilled, self.train_set, self.test_set, self.teachers, self.image_size, cfg.eval, cfg.seed,
+                    bool(cfg.data.get("hflip", True)), self.device, self.precision, cfg.num_workers, cfg.progress)
+            return {}
         scfg = StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
                              final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
                              crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
@@ -421,19 +436,34 @@ class FADRMRecipe:
         if e.real_random:
             g = torch.Generator().manual_seed(cfg.seed)
             sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
-        students = {}
+        students, m = {}, cfg.method
         with self.profiler.phase("evaluate"):
             for i, arch in enumerate(e.students):
                 students[arch] = {}
                 for name, images in sets.items():
                     # the same seed for both sets: the same initial student and augmentation stream
+                    seed = cfg.seed + 1000 * i
+                    stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
                     r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
-                                      self.device, self.precision, seed=cfg.seed + 1000 * i,
+                                      self.device, self.precision, seed=seed,
                                       num_workers=cfg.num_workers, progress=cfg.progress,
-                                      description=f"student {arch} on {name}", log=self.out.log,
-                                      phase=f"student/{arch}/{name}")
+                                      description=f"student {arch} on {name}", stored_labels=stored,
+                                      log=self.out.log, phase=f"student/{arch}/{name}")
                     students[arch][name] = r["test_acc"]
         return students
+
+    def store_labels(self, arch: str, name: str, images, scfg: StudentConfig, seed: int):
+        """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,
+        under ``soft_labels/<student>/<set>/`` (written by rank 0); returns the folder."""
+        fmt = self.cfg.method.get("label_format", "fp16")
+        folder = self.out / "soft_labels" / arch.replace(":", "_").replace("/", "_") / name
+        if dist.is_main():
+            with self.profiler.phase("relabel"):
+                stats = store_soft_labels(folder, images, self.teachers, self.image_size, scfg, self.device,
+                                          self.precision, seed, fmt, num_workers=self.cfg.num_workers)
+            self.label_stats.setdefault(arch, {})[name] = stats
+        dist.barrier()
+        return folder
 
     # ------------------------------------------------------------------ checkpoint and artifacts
     def save_checkpoint(self) -> None:
@@ -474,9 +504,18 @@ class FADRMRecipe:
                    "teachers": list(cfg.method.teachers),
                    "recovery": [self.history[b] for b in sorted(self.history)],
                    "seconds_per_image": recover_s / self.n_images if recover_s else 0.0}
+        # stored soft labels: bytes per distilled image (all crops of all epochs), first student's synthetic set
+        synthetic = [r["synthetic"] for r in self.label_stats.values() if "synthetic" in r]
+        metrics["label_format"] = cfg.method.get("label_format", "fp16") if cfg.method.relabel == "store" else "online"
+        metrics["label_bytes_per_image"] = synthetic[0]["bytes_per_image"] if synthetic else 0.0
+        if self.label_stats:
+            metrics["stored_labels"] = self.label_stats
+        if self.ddranking_result is not None:
+            metrics["ddranking"] = self.ddranking_result
         self.out.write_json("metrics.json", metrics)
+        split = {"validation_split": self.ddranking_result["validation"]} if self.ddranking_result else {}
         self.out.write_manifest(cfg, self.device, teachers=self.teacher_cards, classes=self.classes,
-                                variant=cfg.method.variant, precision=self.precision.name)
+                                variant=cfg.method.variant, precision=self.precision.name, **split)
         self.out.write_json("profile.json", self.profiler.report())
         return metrics
 
@@ -493,6 +532,9 @@ def main(cfg: DictConfig) -> dict:
     students = recipe.evaluate()
     metrics = recipe.save(students)
     recipe.cleanup()
+    if recipe.ddranking_result is not None:
+        print_result(recipe.ddranking_result, f"{cfg.method.variant} ipc {cfg.ipc} on {cfg.data.name}", recipe.out.path)
+        return metrics
     rows = [[arch, r["synthetic"], r.get("real_random", float("nan"))] for arch, r in students.items()]
     console.print_results(f"{cfg.method.variant} ipc {cfg.ipc} on {cfg.data.name}: student test accuracy",
                           ["student", cfg.method.variant, "random real"], rows, recipe.out.path)

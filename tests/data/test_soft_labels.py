@@ -3,8 +3,8 @@ bytes it claims, and shards read back through a stock DataLoader."""
 import pytest
 import torch
 
-from fastdistill.data.soft_labels import (SoftLabelShards, bytes_per_row, decode, encode, parse_format,
-                                          write_shards)
+from fastdistill.data.soft_labels import (SoftLabelShards, SoftLabelWriter, bytes_per_row, decode, encode,
+                                          parse_format, write_shards)
 
 C = 100
 
@@ -84,3 +84,16 @@ def test_bad_format_is_one_clear_error(tmp_path):
             parse_format(bad)
     with pytest.raises(FileNotFoundError, match="have no index.json"):
         SoftLabelShards(tmp_path)
+
+
+def test_writer_streams_the_same_shards_as_write_shards(tmp_path):
+    logits = _logits(50)
+    write_shards(tmp_path / "whole", logits, "quant:8", temperature=2.0, rows_per_shard=16)
+    with SoftLabelWriter(tmp_path / "stream", "quant:8", C, temperature=2.0, rows_per_shard=16) as writer:
+        for part in logits.split(7):  # batches that do not line up with the shards
+            writer.add(part)
+    whole, stream = SoftLabelShards(tmp_path / "whole"), SoftLabelShards(tmp_path / "stream")
+    assert len(stream) == 50 and stream.starts == [0, 16, 32, 48] == whole.starts
+    for i in (0, 15, 16, 49):
+        torch.testing.assert_close(stream[i], whole[i], rtol=0, atol=0, msg=f"row {i}")
+    assert writer.payload_bytes == 50 * bytes_per_row("quant:8", C)
