@@ -21,7 +21,10 @@ _out = Console(soft_wrap=True)
 
 class PhaseLines:
     """The form of a progress bar for logs: one line per task on stderr when its phase ends (its count, time, rate
-    and last info), instead of a live bar. Same ``add_task`` / ``update`` calls as rich's ``Progress``."""
+    and last info), instead of a live bar. Same ``add_task`` / ``update`` calls as rich's ``Progress``. Tasks shorter
+    than ``min_seconds`` (a one-batch accuracy check) print nothing, as a live bar would hardly show."""
+
+    min_seconds = 2.0
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.tasks = enabled, []
@@ -34,6 +37,8 @@ class PhaseLines:
             return  # an interrupted phase has no summary; the error says what happened
         for t in self.tasks:
             seconds = time.perf_counter() - t["start"]
+            if seconds < self.min_seconds:
+                continue
             done = t["completed"] - t["resumed"]
             rate = f", {done / seconds:.3g}/s" if seconds > 0 and done else ""
             info = f", {t['info']}" if t["info"] else ""

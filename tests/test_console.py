@@ -7,7 +7,8 @@ import pytest
 from fastdistill import console
 
 
-def test_a_log_gets_one_line_per_phase(capsys):
+def test_a_log_gets_one_line_per_phase(capsys, monkeypatch):
+    monkeypatch.setattr(console.PhaseLines, "min_seconds", 0.0)
     with console.progress(False) as bar:
         task = bar.add_task("teacher timm:resnet18", total=40, completed=10, info="")
         for _ in range(30):
@@ -21,7 +22,15 @@ def test_a_log_gets_one_line_per_phase(capsys):
     assert lines[1].startswith("evaluate: 5/5 in ")
 
 
-def test_an_interrupted_phase_prints_no_summary(capsys):
+def test_phases_of_a_moment_print_nothing(capsys):
+    with console.progress(False) as bar:
+        task = bar.add_task("test accuracy", total=1, info="")
+        bar.update(task, advance=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_phase_prints_no_summary(capsys, monkeypatch):
+    monkeypatch.setattr(console.PhaseLines, "min_seconds", 0.0)
     with pytest.raises(KeyboardInterrupt):
         with console.progress(False) as bar:
             bar.add_task("recover", total=10, info="")
