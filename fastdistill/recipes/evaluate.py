@@ -23,12 +23,9 @@ from fastdistill.recipes import get_recipe
 from fastdistill.teachers import frozen_backbone
 
 
-def main(cfg: DictConfig) -> dict:
-    if not cfg.get("distilled"):
-        raise ValueError("+method=evaluate needs distilled=PATH (a run folder holding distilled/<class>/*.png)")
-    if cfg.eval.name == "ddranking":
-        return _ddranking(cfg)
-    check_probe_config(cfg.eval)
+def _setup(cfg: DictConfig):
+    """What both evaluations start from: device, precision, the run folder (config written), a seeded profiler, the
+    data's train and test splits and the saved set read from disk."""
     device = resolve_device(cfg.device)
     precision = Precision(cfg.precision, device)
     out = RunDir(cfg.out)
@@ -39,6 +36,16 @@ def main(cfg: DictConfig) -> dict:
     train_set, test_set = splits["train"], splits["test"]
     distilled = read_distilled(cfg.distilled, train_set.classes, train_set.channels)
     console.note(f"evaluate: {len(distilled)} distilled images from {cfg.distilled}; writing to {out.path}")
+    return device, precision, out, profiler, train_set, test_set, distilled
+
+
+def main(cfg: DictConfig) -> dict:
+    if not cfg.get("distilled"):
+        raise ValueError("+method=evaluate needs distilled=PATH (a run folder holding distilled/<class>/*.png)")
+    if cfg.eval.name == "ddranking":
+        return _ddranking(cfg)
+    check_probe_config(cfg.eval)
+    device, precision, out, profiler, train_set, test_set, distilled = _setup(cfg)
     with profiler.phase("evaluate"):
         evaluator, card = load_evaluator(cfg, train_set.classes, get_recipe("teacher").main)
         ev = linear_probe_eval(evaluator, distilled, train_set, test_set, cfg.eval, cfg.seed,
@@ -57,16 +64,7 @@ def _ddranking(cfg: DictConfig) -> dict:
     """DD-Ranking's scores of a saved set, the soft labels from ``eval.teachers`` (trained on this data, cached)."""
     e = cfg.eval
     check_ddranking_config(e)
-    device = resolve_device(cfg.device)
-    precision = Precision(cfg.precision, device)
-    out = RunDir(cfg.out)
-    out.write_config(cfg)
-    seed_everything(cfg.seed)
-    profiler = Profiler(device)
-    splits = build_dataset(cfg.data)
-    train_set, test_set = splits["train"], splits["test"]
-    distilled = read_distilled(cfg.distilled, train_set.classes, train_set.channels)
-    console.note(f"evaluate: {len(distilled)} distilled images from {cfg.distilled}; writing to {out.path}")
+    device, precision, out, profiler, train_set, test_set, distilled = _setup(cfg)
     with profiler.phase("teachers"):
         loaded = [frozen_backbone(name, e.teacher_weights, cfg, e.teacher_preset, train_set.classes,
                                   train=get_recipe("teacher").main, num_classes=train_set.num_classes)
