@@ -7,7 +7,8 @@ and decode only those (:meth:`take`, or a loader over :meth:`subset`).
 
 Files are decoded the way torchvision / timm pipelines do it, never squashed to a square:
 - evaluation (default): resize the shorter side to ``image_size / crop_pct``, centre-crop ``image_size``;
-- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio.
+- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio, or several
+  (DINO's multi-crop views), each drawn from the one decoded file.
 JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) when that still leaves the shorter side at least
 ``image_size / crop_pct`` (PIL ``draft``, the bounded decode of DALI/FFCV pipelines): a 2000 px photo costs
 what a 500 px one does.
@@ -26,12 +27,14 @@ from PIL import Image, UnidentifiedImageError
 
 @dataclass(frozen=True)
 class TrainCrop:
-    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image, then a flip with p 0.5."""
+    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image to ``size`` (None: the dataset's
+    ``image_size``), then a flip with p 0.5."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     interpolation: str = "bilinear"  # or bicubic (the published DINO and MAE crops)
+    size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -42,7 +45,8 @@ class ImageDataset(torch.utils.data.Dataset):
     (decoded to ``image_size`` as the module docstring says); ``__getitem__`` returns (uint8 (C, H, W) tensor,
     int label) either way. Pixel values stay uint8 until they reach the device: normalisation belongs to the
     backbone. A key ``(i, seed)`` seeds the train-time crop of sample i (loaders pass one per sample, so the
-    augmentation does not depend on which worker decodes it).
+    augmentation does not depend on which worker decodes it). With a tuple of train crops (multi-crop) a sample is a
+    list of views, one per crop, and a loader's batch a list of (B, C, h, w) batches.
     """
 
     labels: torch.Tensor  # int64 (N,)
@@ -54,7 +58,8 @@ class ImageDataset(torch.utils.data.Dataset):
     name: str = ""
     meta: dict = field(default_factory=dict)
     crop_pct: float = 1.0  # evaluation decode: shorter side to image_size / crop_pct, centre crop
-    train_crop: TrainCrop | None = None  # set: training decode (random-resized-crop on the original image)
+    # set: training decode (random-resized-crop on the original image); a tuple: one view per crop (multi-crop)
+    train_crop: TrainCrop | tuple[TrainCrop, ...] | None = None
 
     def __post_init__(self):
         if self.images is None and self.paths is None:
@@ -82,15 +87,18 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.images[i], int(self.labels[i])
         return self.decode(i, seed), int(self.labels[i])
 
-    def decode(self, i: int, seed: int | None = None) -> torch.Tensor:
-        """Sample ``i`` read from its file: uint8 (channels, *image_size)."""
+    def decode(self, i: int, seed: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Sample ``i`` read from its file: uint8 (channels, *image_size), or with a tuple of train crops the list
+        of its views, uint8 (channels, *crop.size) each, all drawn from one decode of the file."""
         if self.train_crop is None:
             return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct)
+        crops = self.train_crop if isinstance(self.train_crop, tuple) else (self.train_crop,)
         # fork: a seeded crop must not reset the caller's global stream (the main process decodes in take())
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct, self.train_crop)
+            views = read_views(self.paths[i], self.image_size, self.channels, self.crop_pct, crops)
+        return views if isinstance(self.train_crop, tuple) else views[0]
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """The images at ``index`` (int64 (n,)) as uint8 (n, C, H, W): only those files are decoded (by a few
@@ -116,9 +124,10 @@ class ImageDataset(torch.utils.data.Dataset):
                        images=None if self.images is None else self.images[index],
                        paths=None if self.paths is None else [self.paths[i] for i in index.tolist()])
 
-    def train_view(self, crop: TrainCrop) -> "ImageDataset":
-        """The same files decoded for training (``crop``); decoded-in-memory splits are returned unchanged (their
-        augmentation runs on the device, on the fixed-size images)."""
+    def train_view(self, crop: TrainCrop | tuple[TrainCrop, ...]) -> "ImageDataset":
+        """The same files decoded for training (``crop``, or a tuple of crops: a list of views per sample);
+        decoded-in-memory splits are returned unchanged (their augmentation runs on the device, on the fixed-size
+        images)."""
         return self if self.images is not None else replace(self, train_crop=crop)
 
     def class_index(self, c: int) -> torch.Tensor:
@@ -170,31 +179,57 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
     """Decode one image file to uint8 (channels, *size); a corrupt file is a one-line ValueError.
 
     Evaluation: shorter side to ``size / crop_pct``, centre crop (crop_pct 1 and a file already at ``size``:
-    the pixels as stored). Training (``train_crop``): RandomResizedCrop to ``size`` on the whole image, then a
-    flip, from the global RNG (the dataset seeds it per sample).
+    the pixels as stored). Training (``train_crop``): as :func:`read_views` with that one crop.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    if train_crop is not None:
+        return read_views(path, size, channels, crop_pct, (train_crop,))[0]
+    short = math.ceil(min(size) / crop_pct)
+    im = _open(path, channels, short)
+    return _to_tensor(TF.center_crop(TF.resize(im, short, antialias=True), list(size)), channels)
+
+
+def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float,
+               crops: tuple[TrainCrop, ...]) -> list[torch.Tensor]:
+    """One decode of the file, then per crop a RandomResizedCrop of the whole image to ``crop.size`` (default
+    ``size``) and a flip, from the global RNG (the dataset seeds it per sample): uint8 (channels, *crop.size) each.
+
+    The image is first brought down to a shorter side of ``largest view / crop_pct`` when it is larger: a crop
+    sees no more detail than that, and a multi-crop's views share the one resize.
     """
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
 
-    short = math.ceil(min(size) / crop_pct)
+    sizes = [tuple(c.size) if c.size is not None else tuple(size) for c in crops]
+    short = math.ceil(max(min(s) for s in sizes) / crop_pct)
+    im = _open(path, channels, short)
+    if min(im.size) > short:
+        im = TF.resize(im, short, antialias=True)
+    views = []
+    for crop, s in zip(crops, sizes):
+        v = v2.RandomResizedCrop(list(s), scale=crop.scale, ratio=crop.ratio,
+                                 interpolation=v2.InterpolationMode(crop.interpolation), antialias=True)(im)
+        if crop.hflip and torch.rand(()) < 0.5:
+            v = TF.horizontal_flip(v)
+        views.append(_to_tensor(v, channels))
+    return views
+
+
+def _open(path: Path, channels: int, short: int) -> Image.Image:
+    """The decoded file in L or RGB; JPEGs at the smallest DCT scale whose shorter side still covers ``short``."""
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if im.format == "JPEG":  # bounded decode: the smallest DCT scale whose shorter side still covers `short`
+            if im.format == "JPEG":  # bounded decode
                 s = short / min(w, h)
                 im.draft("L" if channels == 1 else "RGB", (math.ceil(w * s), math.ceil(h * s)))
-            im = im.convert("L" if channels == 1 else "RGB")
-            if train_crop is not None:
-                if min(im.size) > short:  # the crop sees no more detail than `short` px across the shorter side
-                    im = TF.resize(im, short, antialias=True)
-                mode = v2.InterpolationMode(train_crop.interpolation)
-                im = v2.RandomResizedCrop(list(size), scale=train_crop.scale, ratio=train_crop.ratio,
-                                          interpolation=mode, antialias=True)(im)
-                if train_crop.hflip and torch.rand(()) < 0.5:
-                    im = TF.horizontal_flip(im)
-            else:
-                im = TF.center_crop(TF.resize(im, short, antialias=True), list(size))
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"corrupt image file '{path}': {e}") from None
-    return data.view(size[0], size[1], channels).permute(2, 0, 1).contiguous()
+
+
+def _to_tensor(im: Image.Image, channels: int) -> torch.Tensor:
+    w, h = im.size
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, channels).permute(2, 0, 1).contiguous()

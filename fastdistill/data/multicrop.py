@@ -5,6 +5,11 @@ each drawn per sample: random-resized-crop, flip where the data allows it, colou
 (p 0.2), Gaussian blur (p 1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local crops) and solarisation
 (p 0.2 on global crop 2), the published asymmetric recipe. All crops go to the student, the global ones to the
 teacher. The ops work on [0, 1] float batches (N, C, H, W) with per-sample parameters.
+
+Images streamed from files take their crops as they are decoded (:meth:`MultiCrop.decode_crops`, each view a
+random-resized crop of the whole file, as the published pipeline crops the original image); the device then
+applies the colour, blur and solarisation ops to those views. Decoded-in-memory images (the embedded digits) are
+cropped on the device.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdistill.data.dataset import TrainCrop
 from fastdistill.data.transforms import INTERPOLATIONS, random_hflip, random_resized_crop
 
 
@@ -48,18 +54,36 @@ class MultiCrop:
             raise ValueError(f"multi-crop needs num_local >= 0 and sizes >= 1, got {self.num_local!r}, "
                              f"{self.local_size!r}, {self.global_size!r}")
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[0, 1] images (N, C, H, W) -> [global 1, global 2, local 1 .. local n], each (N, C, s, s)."""
-        crops = [self._view(x, self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0),
-                 self._view(x, self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarize_p)]
-        crops += [self._view(x, self.local_size, self.local_scale, blur_p=0.5, solarize_p=0.0)
-                  for _ in range(self.num_local)]
-        return crops
+    def views(self) -> list[tuple[int, tuple[float, float], float, float]]:
+        """(size, area scale, blur p, solarisation p) of every view: global 1, global 2, then the local ones."""
+        return [(self.global_size, tuple(self.global_scale), 1.0, 0.0),
+                (self.global_size, tuple(self.global_scale), 0.1, self.solarize_p),
+                *[(self.local_size, tuple(self.local_scale), 0.5, 0.0)] * self.num_local]
 
-    def _view(self, x: torch.Tensor, size: int, scale, blur_p: float, solarize_p: float) -> torch.Tensor:
+    def decode_crops(self) -> tuple[TrainCrop, ...]:
+        """The views' random-resized crops and flips, for a dataset that draws them from each file as it decodes it
+        (``ImageDataset.train_view``); :meth:`__call__` then gets the views and adds the rest."""
+        return tuple(TrainCrop(scale=scale, hflip=self.hflip, interpolation=self.interpolation, size=(size, size))
+                     for size, scale, _, _ in self.views())
+
+    def __call__(self, x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """[0, 1] images (N, C, H, W) -> [global 1, global 2, local 1 .. local n], each (N, C, s, s), cropped here;
+        or those views already cropped and flipped at decode (a list of [0, 1] batches in that order) -> the same
+        views after the colour, grayscale, blur and solarisation ops."""
+        views = self.views()
+        if isinstance(x, torch.Tensor):
+            return [self._photometric(self._crop(x, size, scale), blur_p, solarize_p)
+                    for size, scale, blur_p, solarize_p in views]
+        got = [tuple(v.shape[-2:]) for v in x]
+        if got != [(size, size) for size, _, _, _ in views]:
+            raise ValueError(f"multi-crop expects {len(views)} views of {[v[0] for v in views]} px, got {got}")
+        return [self._photometric(v, blur_p, solarize_p) for v, (_, _, blur_p, solarize_p) in zip(x, views)]
+
+    def _crop(self, x: torch.Tensor, size: int, scale) -> torch.Tensor:
         v = random_resized_crop(x, (size, size), scale=tuple(scale), mode=self.interpolation)
-        if self.hflip:
-            v = random_hflip(v)
+        return random_hflip(v) if self.hflip else v
+
+    def _photometric(self, v: torch.Tensor, blur_p: float, solarize_p: float) -> torch.Tensor:
         v = color_jitter(v, self.jitter_p, self.brightness, self.contrast, self.saturation, self.hue,
                          self.jitter_random_order)
         v = random_grayscale(v, self.grayscale_p)

@@ -56,7 +56,7 @@ def run_epochs(position: Position, loader, epochs: int, step: Callable[[torch.Te
                 for key, value in terms.items():
                     value = value.detach()
                     position.sums[key] = position.sums[key] + value if key in position.sums else value.clone()
-                profiler.add_images(phase, x.shape[0])
+                profiler.add_images(phase, len(y))  # x: a batch, or a list of views
                 position.step += 1
                 bar.update(task, advance=1)
                 if checkpoint_every and position.step % checkpoint_every == 0:

@@ -113,15 +113,19 @@ class DINORecipe:
         if spec.fixed_size and m.crops.num_local > 0 and m.crops.local_size != spec.input_size[0]:
             raise ValueError(f"local crops of {m.crops.local_size} px need a ViT that takes any resolution: add "
                              f"dynamic_img_size: true to method.model_kwargs")
-        # data: uint8 batches, the crops are made on the device
+        # data: uint8 batches. Files streamed by the torch loader get their views as they are decoded (each a
+        # random-resized crop of the whole file, bicubic as published, seeded per sample); decoded splits and the
+        # ffcv/dali loaders are cropped on the device. The colour, blur and solarisation ops run on the device
         self.splits = build_dataset(cfg.data)
         self.train_set, self.test_set = self.splits["train"], self.splits["test"]
-        self.loader = build_loader(cfg.loader, self.train_set, m.batch_size, shuffle=True, drop_last=True,
+        self.multicrop = build_multicrop(m.crops, self.image_size[0], bool(cfg.data.get("hflip", True)))
+        train = self.train_set.train_view(self.multicrop.decode_crops()) if cfg.loader == "torch" else self.train_set
+        self.crop_on_device = train.train_crop is None
+        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=True,
                                    seed=cfg.seed, num_workers=cfg.num_workers, rank=dist.rank(),
                                    world_size=dist.world_size())
         if len(self.loader) == 0:
             raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training images")
-        self.multicrop = build_multicrop(m.crops, self.image_size[0], bool(cfg.data.get("hflip", True)))
         # loss (owns the centre) and optimiser
         self.loss_fn = DINOLoss(int(m.head.out_dim), 2, m.loss.student_temp, m.loss.teacher_temp,
                                 m.loss.warmup_teacher_temp, int(m.loss.warmup_teacher_temp_epochs),
@@ -155,7 +159,10 @@ class DINORecipe:
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[self.position.step])
         regularized["weight_decay"] = float(self.wd[self.position.step])
-        x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
+        if self.crop_on_device:
+            x = to_input(x.to(self.device, non_blocking=True), channels=x.shape[1])
+        else:  # the views, cropped and flipped by the loader
+            x = [to_input(v.to(self.device, non_blocking=True), channels=v.shape[1]) for v in x]
         crops = self.multicrop(x)
         with torch.no_grad(), self.precision.autocast():
             teacher_out = self.forward_teacher(crops[:2])  # the teacher sees only the 2 global crops

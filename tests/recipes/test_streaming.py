@@ -2,7 +2,7 @@
 
 A small ImageNet-shaped folder (50 classes x 4 JPEGs of mixed sizes) with ``data.cache=false``; ``load_all`` raises,
 and so does any single read of a whole split, while FADRM (recovery, selection, students), LGM (real batches,
-probe), ``+method=evaluate`` and the k-NN / linear probes run on it.
+probe), ``+method=evaluate``, the k-NN / linear probes, DINO and kd_clip run on it.
 """
 import json
 
@@ -128,6 +128,35 @@ def test_kd_multi_student_crops_files_as_it_decodes(folder, tmp_path):
     assert not recipe.crop_on_device and recipe.loader.dataset.train_crop is not None
     x, _ = next(iter(recipe.loader.epoch(0)))
     assert recipe._augment(x).shape[-2:] == (32, 32)
+
+
+def test_dino_takes_its_views_from_each_file_as_it_decodes(folder, tmp_path):
+    from fastdistill.eval.ssl_run import finish_ssl_run
+    from fastdistill.recipes.dino import DINORecipe
+
+    vit = "{img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2, dynamic_img_size: true}"
+    cfg = _cfg(folder, "+method=dino", "preset=smoke", "model=timm:vit_tiny_patch16_224", f"++method.model_kwargs={vit}",
+               "method.crops.local_size=16", "method.batch_size=50", "method.head.out_dim=64",
+               "method.head.hidden_dim=32", "method.head.bottleneck_dim=16", "method.attention.distance_images=20", "method.attention.object_threshold=null",
+               f"out={tmp_path / 'dino'}")
+    recipe = DINORecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    crops = recipe.loader.dataset.train_crop
+    assert not recipe.crop_on_device and [c.size for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 2
+    assert all(c.interpolation == "bicubic" for c in crops) and [c.scale for c in crops] == \
+        [(0.5, 1.0)] * 2 + [(0.2, 0.5)] * 2, crops
+    views, _ = next(iter(recipe.loader.epoch(0)))
+    assert [tuple(v.shape) for v in views] == [(50, 3, 32, 32)] * 2 + [(50, 3, 16, 16)] * 2
+    differ = lambda a, b: (a.float() - b.float()).abs().mean((1, 2, 3)) > 1  # noqa: E731
+    assert differ(views[0], views[1]).all() and differ(views[2], views[3]).all(), "every view its own crop"
+    again, _ = next(iter(recipe.loader.epoch(0)))
+    assert all(torch.equal(a, b) for a, b in zip(views, again)), "a sample's views are seeded by (seed, epoch, sample)"
+    out = recipe.multicrop([v.float() / 255 for v in views])
+    assert [o.shape for o in out] == [v.shape for v in views] and all(0 <= o.min() and o.max() <= 1 for o in out)
+    recipe.train()
+    metrics = finish_ssl_run(recipe, "dino", recipe.teacher.backbone, "DINO")
+    assert len(metrics["history"]) == 1 and torch.isfinite(torch.tensor(metrics["history"][0]["train_loss"]))
 
 
 @pytest.mark.slow
