@@ -8,7 +8,8 @@
 
 Pipelines come from ``diffusers`` (the optional extra ``pip install 'fastdistill[gen]'``) and load from any local
 Stable-Diffusion-style pipeline folder (``from_pretrained(path)``): nothing downloads. Generated images are cached
-on disk under a hash of everything that made them, in the same layout ``gen=folder`` reads::
+on disk under a hash of everything that made them, in the same layout ``gen=folder`` reads, and are read back from
+there like a dataset's files (:meth:`GeneratedSet.dataset`, decoded on access)::
 
     <root>/index.json           {"classes": [...], "images": [{"file": "3/00012.png", "label": 3,
                                   "source": "real:417" | "prompt:a photo of a 3."}, ...]}
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastdistill.data.dataset import read_image
+from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.transforms import to_input
 
 GEN_MODES = ("none", "cls2img", "img2img", "folder")
@@ -39,16 +40,19 @@ REAL, PROMPT = "real:", "prompt:"
 
 @dataclass
 class GeneratedSet:
-    """Generated images with the source each was made from.
+    """Generated images on disk, one file each, with the source each was made from.
 
-    images: uint8 (N, C, H, W) at the dataset's size and channels; labels: int64 (N,);
-    sources: ``real:<train id>`` or ``prompt:<text>`` per image.
+    paths: the files; labels: int64 (N,); sources: ``real:<train id>`` or ``prompt:<text>`` per image; classes,
+    image_size and channels: the dataset's, which the files are decoded to.
     """
 
-    images: torch.Tensor
+    paths: list[Path]
     labels: torch.Tensor
     sources: list[str]
-    root: Path | None = None
+    classes: list[str]
+    image_size: tuple[int, int]
+    channels: int
+    root: Path
 
     def __len__(self) -> int:
         return self.labels.numel()
@@ -57,6 +61,15 @@ class GeneratedSet:
         """int64 (N,): the train-split id of each image's real source, -1 for prompt-made images."""
         return torch.tensor([int(s[len(REAL):]) if s.startswith(REAL) else -1 for s in self.sources],
                             dtype=torch.long)
+
+    def dataset(self) -> ImageDataset:
+        """The files as a split read on access (shorter side to the dataset's size, centre crop)."""
+        return ImageDataset(labels=self.labels, classes=list(self.classes), paths=list(self.paths),
+                            image_size=tuple(self.image_size), channels=self.channels, name="generated")
+
+    def load(self) -> torch.Tensor:
+        """Every image decoded, uint8 (N, C, H, W): only for sets known to be small (beside decoded data)."""
+        return self.dataset().take(torch.arange(len(self)))
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -108,7 +121,8 @@ def write_folder(root: str | Path, images: torch.Tensor, labels: torch.Tensor, s
 
 
 def read_folder(root: str | Path, classes: list[str], image_size: tuple[int, int], channels: int) -> GeneratedSet:
-    """A folder of generated images (layout in the module docstring), resized to the dataset's size."""
+    """A folder of generated images (layout in the module docstring), checked entry by entry; its files are decoded
+    to the dataset's size and channels when read (:meth:`GeneratedSet.dataset`), not here."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"generated-image folder '{root}' does not exist")
@@ -123,7 +137,7 @@ def read_folder(root: str | Path, classes: list[str], image_size: tuple[int, int
     if index.get("classes") is not None and list(index["classes"]) != list(classes):
         raise ValueError(f"'{index_path}' was made for classes {list(index['classes'])[:5]}... but the dataset has "
                          f"{list(classes)[:5]}...: labels would not match")
-    images, labels, sources = [], [], []
+    paths, labels, sources = [], [], []
     for i, e in enumerate(entries):
         label, src = e.get("label"), str(e.get("source", ""))
         if not isinstance(label, int) or not 0 <= label < len(classes):
@@ -133,12 +147,13 @@ def read_folder(root: str | Path, classes: list[str], image_size: tuple[int, int
         path = root / e["file"]
         if not path.is_file():
             raise FileNotFoundError(f"'{index_path}' entry {i}: image '{path}' not found")
-        images.append(read_image(path, image_size, channels))
+        paths.append(path)
         labels.append(label)
         sources.append(src)
-    if not images:
+    if not paths:
         raise ValueError(f"'{index_path}' lists no images")
-    return GeneratedSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), sources, root)
+    return GeneratedSet(paths, torch.tensor(labels, dtype=torch.long), sources, list(classes), tuple(image_size),
+                        channels, root)
 
 
 # ------------------------------------------------------------------------------------------------ diffusion
@@ -175,8 +190,10 @@ def _to_dataset_images(x: torch.Tensor, image_size: tuple[int, int], channels: i
 
 @torch.no_grad()
 def generate_cls2img(pipe, prompts: list[list[str]], per_class: int, image_size: tuple[int, int], channels: int,
-                     steps: int, guidance: float, resolution: int, seed: int, batch_size: int) -> GeneratedSet:
-    """``per_class`` images of every class, cycling over its prompts; image i of class c has seed (seed, c, i)."""
+                     steps: int, guidance: float, resolution: int, seed: int,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``per_class`` images of every class, cycling over its prompts; image i of class c has seed (seed, c, i).
+    Returns uint8 images (N, C, H, W), labels and sources."""
     images, labels, sources = [], [], []
     todo = [(c, i, prompts[c][i % len(prompts[c])]) for c in range(len(prompts)) for i in range(per_class)]
     for b in range(0, len(todo), batch_size):
@@ -187,24 +204,26 @@ def generate_cls2img(pipe, prompts: list[list[str]], per_class: int, image_size:
         images.append(_to_dataset_images(out, image_size, channels))
         labels += [c for c, _, _ in chunk]
         sources += [PROMPT + p for _, _, p in chunk]
-    return GeneratedSet(torch.cat(images), torch.tensor(labels, dtype=torch.long), sources)
+    return torch.cat(images), torch.tensor(labels, dtype=torch.long), sources
 
 
 @torch.no_grad()
-def generate_img2img(pipe, real: torch.Tensor, labels: torch.Tensor, real_ids: torch.Tensor,
+def generate_img2img(pipe, real: ImageDataset, real_ids: torch.Tensor,
                      prompts: list[list[str]], per_image: int, strength: float, image_size: tuple[int, int],
                      channels: int, steps: int, guidance: float, resolution: int, seed: int,
-                     batch_size: int) -> GeneratedSet:
-    """``per_image`` redraws of every real image (uint8 (R, C, H, W), train ids ``real_ids``) at ``strength``,
-    prompted with the image's class; each is recorded with its source ``real:<id>``."""
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``per_image`` redraws of every real image (``real``: the images of train ids ``real_ids``, decoded a batch at a
+    time) at ``strength``, prompted with the image's class; each is recorded with its source ``real:<id>``.
+    Returns uint8 images (N, C, H, W), labels and sources."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"method.gen.strength must be in (0, 1], got {strength!r}")
-    todo = [(r, k) for r in range(real.shape[0]) for k in range(per_image)]
+    labels = real.labels
+    todo = [(r, k) for r in range(len(real)) for k in range(per_image)]
     images, out_labels, sources = [], [], []
     for b in range(0, len(todo), batch_size):
         chunk = todo[b:b + batch_size]
         rows = torch.tensor([r for r, _ in chunk])
-        x = to_input(real[rows], (resolution, resolution), 3)
+        x = to_input(real.take(rows), (resolution, resolution), 3)
         ys = labels[rows].tolist()
         gens = [torch.Generator().manual_seed(hash_seed(seed, int(real_ids[r]), k)) for r, k in chunk]
         prompt = [prompts[y][k % len(prompts[y])] for y, (_, k) in zip(ys, chunk)]
@@ -213,7 +232,7 @@ def generate_img2img(pipe, real: torch.Tensor, labels: torch.Tensor, real_ids: t
         images.append(_to_dataset_images(out, image_size, channels))
         out_labels += ys
         sources += [f"{REAL}{int(real_ids[r])}" for r, _ in chunk]
-    return GeneratedSet(torch.cat(images), torch.tensor(out_labels, dtype=torch.long), sources)
+    return torch.cat(images), torch.tensor(out_labels, dtype=torch.long), sources
 
 
 def hash_seed(*parts) -> int:
@@ -250,7 +269,6 @@ def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]]
             raise ValueError(f"'{gen.folder}' has images made from real:{outside[0]} (and {len(outside) - 1} more), "
                              f"which is not among the student's real images: it would leak real data")
         return out
-    labels = train.labels[real_ids]
     key = generation_key(mode=mode, pipeline=str(Path(str(gen.pipeline)).expanduser().resolve()) if gen.pipeline
                          else None, prompts=prompts, multiplier=gen.multiplier, strength=gen.strength, steps=gen.steps,
                          guidance=gen.guidance, resolution=gen.resolution, seed=seed, real_ids=real_ids.tolist(),
@@ -262,15 +280,15 @@ def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]]
     res = pipeline_resolution(pipe, gen.resolution)
     if mode == "cls2img":
         per_class = gen.multiplier * max(1, real_ids.numel() // len(train.classes))
-        out = generate_cls2img(pipe, prompts, per_class, size, channels, gen.steps, gen.guidance, res, seed,
-                               gen.batch_size)
+        images, labels, sources = generate_cls2img(pipe, prompts, per_class, size, channels, gen.steps, gen.guidance,
+                                                   res, seed, gen.batch_size)
     else:
-        out = generate_img2img(pipe, train.take(real_ids), labels, real_ids, prompts, gen.multiplier, gen.strength, size, channels,
-                               gen.steps, gen.guidance, res, seed, gen.batch_size)
-    write_folder(root, out.images, out.labels, out.sources, train.classes,
+        images, labels, sources = generate_img2img(pipe, train.subset(real_ids), real_ids, prompts, gen.multiplier,
+                                                   gen.strength, size, channels, gen.steps, gen.guidance, res, seed,
+                                                   gen.batch_size)
+    write_folder(root, images, labels, sources, train.classes,
                  {"made_by": mode, "pipeline": str(gen.pipeline), "strength": gen.strength, "steps": gen.steps})
-    out.root = root
-    return out
+    return read_folder(root, train.classes, size, channels)
 
 
 # ------------------------------------------------------------------------------------------------ stand-in

@@ -20,6 +20,11 @@ the fine-tuning's). ``method.real_per_class`` limits the real images, so that wh
 Teacher targets are computed ``online`` on the student's augmented view, or ``cached``: one per image, without
 augmentation, computed once before training (the fast path; CP targets are always cached).
 
+Images on disk stream: the real files and the generated ones are read batch by batch (targets, the head
+initialisation, every stage), and the torch loader draws each training view's random-resized crop from the whole
+file as it decodes it; decoded data (the embedded digits, with its generated set) is indexed and cropped on the
+device.
+
 Keys that matter: ``method.teacher``, ``method.kd.objective``, ``method.gen.mode``, ``method.real_per_class``,
 ``method.kd.epochs``, ``method.kd.teacher_targets``, ``method.student``.
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -37,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir, write_json
 from fastdistill.data import ImageDataset, build_dataset, build_loader
+from fastdistill.data.dataset import TrainCrop
 from fastdistill.data.generated import GEN_MODES, build_generated, build_prompts
 from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
@@ -109,8 +117,9 @@ class KDClipRecipe:
         with self.profiler.phase("generate"):
             self.generated = build_generated(m.gen, self.train_set, self.real_ids, self.prompts, cfg.seed,
                                              self.device, cache_root() / "generated")
-        self.kd_set, self.kd_source = self.kd_images()
         self.real_set = self.train_set.subset(self.real_ids)
+        self.kd_set, self.kd_source = self.kd_images()
+        self.crop_at_decode = cfg.loader == "torch" and not self.train_set.in_memory
         # the teacher, its classifier for LD, and the cached targets
         with self.profiler.phase("teacher"):
             self.teacher, self.teacher_card = self.load_teacher()
@@ -132,20 +141,33 @@ class KDClipRecipe:
 
     def kd_images(self) -> tuple[ImageDataset, torch.Tensor]:
         """The KD stage's images (real + generated) and, per image, the row of its real source in ``real_ids``
-        (-1 for images made from prompts; CP drops those)."""
-        real = self.train_set.take(self.real_ids)
-        labels = self.train_set.labels[self.real_ids]
-        source = torch.arange(self.real_ids.numel())
+        (-1 for images made from prompts; CP drops those). Files stay files: the generated ones are read beside the
+        real ones and decoded as they are (the dataset's crop_pct); decoded real data takes the generated set
+        decoded too (at most ``gen.multiplier`` times the real images the student may use)."""
+        kd, source = replace(self.real_set, name="kd"), torch.arange(self.real_ids.numel())
         if self.generated is not None:
+            gen = self.generated
             row_of = {int(i): r for r, i in enumerate(self.real_ids.tolist())}
-            gen_source = torch.tensor([row_of.get(int(i), -1) for i in self.generated.source_ids()], dtype=torch.long)
-            real = torch.cat([real, self.generated.images])
-            labels = torch.cat([labels, self.generated.labels])
-            source = torch.cat([source, gen_source])
+            source = torch.cat([source, torch.tensor([row_of.get(int(i), -1) for i in gen.source_ids()],
+                                                     dtype=torch.long)])
+            labels = torch.cat([kd.labels, gen.labels])
+            if kd.in_memory:
+                kd = ImageDataset(labels=labels, classes=self.classes, images=torch.cat([kd.images, gen.load()]),
+                                  name="kd")
+            else:
+                kd = replace(kd, labels=labels, paths=kd.paths + gen.paths)
         if self.cfg.method.kd.objective == "cp":
-            keep = source >= 0
-            real, labels, source = real[keep], labels[keep], source[keep]
-        return ImageDataset(labels=labels, classes=self.classes, images=real, name="kd"), source
+            keep = (source >= 0).nonzero().flatten()
+            kd, source = kd.subset(keep), source[keep]
+        return kd, source
+
+    def batches(self, images: ImageDataset) -> Iterator[torch.Tensor]:
+        """The images in order, [0, 1] batches at the student's size on the device (no augmentation), read through
+        the loader a batch at a time."""
+        loader = build_loader("torch", images, self.cfg.method.eval_batch_size, shuffle=False,
+                              num_workers=self.cfg.num_workers)
+        for x, _ in loader.epoch(0):
+            yield to_input(x.to(self.device, non_blocking=True), self.image_size)
 
     def load_teacher(self) -> tuple[Backbone, dict]:
         m = self.cfg.method
@@ -191,14 +213,12 @@ class KDClipRecipe:
         for CP (the teacher embeds the real set and never a generated image). None for online targets."""
         m = self.cfg.method
         if m.kd.objective == "cp":
-            images = self.train_set.take(self.real_ids)
+            images = self.real_set
         elif m.kd.teacher_targets == "cached":
-            images = self.kd_set.images
+            images = self.kd_set
         else:
             return None
-        bs = m.eval_batch_size
-        return torch.cat([self.teacher_outputs(to_input(images[i:i + bs].to(self.device), self.image_size))
-                          for i in range(0, images.shape[0], bs)])
+        return torch.cat([self.teacher_outputs(x) for x in self.batches(images)])
 
     # ------------------------------------------------------------------ training
     def stage_plan(self, stage: str) -> tuple[ImageDataset, int, float, int]:
@@ -206,7 +226,7 @@ class KDClipRecipe:
         batch carries what its images need (source row, cached target, true label) through any loader."""
         m = self.cfg.method
         if stage == "kd":
-            ids = ImageDataset(labels=torch.arange(len(self.kd_set)), classes=self.classes, images=self.kd_set.images)
+            ids = replace(self.kd_set, labels=torch.arange(len(self.kd_set)))
             return ids, m.kd.epochs, m.kd.lr, m.kd.batch_size
         epochs = m[stage].epochs
         if stage == "baseline" and epochs is None:
@@ -216,6 +236,10 @@ class KDClipRecipe:
     def begin_stage(self, stage: str) -> None:
         cfg = self.cfg
         images, epochs, lr, batch_size = self.stage_plan(stage)
+        # files streamed by the torch loader are cropped as they are decoded (on the whole image), as the teacher's
+        if self.crop_at_decode:
+            images = images.train_view(TrainCrop(scale=tuple(cfg.method.crop_scale),
+                                                 hflip=bool(cfg.data.get("hflip", True))))
         self.loader = build_loader(cfg.loader, images, batch_size, shuffle=True, drop_last=False,
                                    seed=cfg.seed + STAGES.index(stage), num_workers=cfg.num_workers)
         self.steps_per_epoch = len(self.loader)
@@ -278,30 +302,25 @@ class KDClipRecipe:
         if m.kd.objective == "ld" or m.finetune.head_init != "teacher":
             return
         head = self.student.model.get_classifier()
-        real = self.train_set.take(self.real_ids)
-        bs = m.eval_batch_size
+        own_head = self.teacher.spec.source != "open_clip" and self.teacher.spec.num_classes == len(self.classes)
         self.student.eval()
-        ps = torch.cat([self.projection(self.student.embed(to_input(real[i:i + bs].to(self.device), self.image_size)))
-                        for i in range(0, real.shape[0], bs)])
+        ps, t = [], []
+        for x in self.batches(self.real_set):
+            ps.append(self.projection(self.student.embed(x)))
+            if own_head:
+                t.append(self.teacher.embed(to_input(x, self.teacher_size, 3)).float())
         self.student.train()
+        ps = torch.cat(ps)
         w_p, b_p = self.projection.weight / ps.norm(dim=1).mean(), self.projection.bias / ps.norm(dim=1).mean()
         if self.teacher.spec.source == "open_clip":
             emb, scale = self.text_embedding, self.logit_scale
             head.weight.copy_(scale * emb @ w_p)
             head.bias.copy_(scale * emb @ b_p)
-        elif self.teacher.spec.num_classes == len(self.classes):
-            t = self.teacher_outputs_embed(real)
+        elif own_head:
             w_t, b_t = self.teacher.model.get_classifier().weight, self.teacher.model.get_classifier().bias
-            r = t.norm(dim=1).mean()
+            r = torch.cat(t).norm(dim=1).mean()
             head.weight.copy_(w_t @ (r * w_p))
             head.bias.copy_(w_t @ (r * b_p) + b_t)
-
-    @torch.no_grad()
-    def teacher_outputs_embed(self, images: torch.Tensor) -> torch.Tensor:
-        bs = self.cfg.method.eval_batch_size
-        return torch.cat([self.teacher.embed(to_input(to_input(images[i:i + bs].to(self.device), self.image_size),
-                                                      self.teacher_size, 3)).float()
-                          for i in range(0, images.shape[0], bs)])
 
     def baseline_path(self):
         """SUP depends on the student, its real images and its own schedule only, not on the teacher or the
@@ -313,7 +332,8 @@ class KDClipRecipe:
                              real_ids=self.real_ids.tolist(), plan=self.stage_plan("baseline")[1:],
                              optimizer=OmegaConf.to_container(m.optimizer), warmup=m.warmup_epochs,
                              crop=list(m.crop_scale), size=self.image_size, seed=cfg.seed, precision=cfg.precision,
-                             loader=cfg.loader, data=OmegaConf.to_container(cfg.data, resolve=True))
+                             loader=cfg.loader, data=OmegaConf.to_container(cfg.data, resolve=True),
+                             **({"crop_at": "decode"} if self.crop_at_decode else {}))
         return cache_root() / "kd_clip_baseline" / f"{key}.json"
 
     def cached_baseline(self) -> float | None:
@@ -328,6 +348,8 @@ class KDClipRecipe:
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         x = to_input(x.to(self.device, non_blocking=True), self.image_size)
+        if self.crop_at_decode:  # cropped and flipped by the loader
+            return x
         return train_augment(x, self.image_size, self.cfg.method.crop_scale, self.cfg.data.get("hflip", True))
 
     def train_step(self, stage: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,11 @@ def test_generation_with_a_tiny_random_pipeline(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
 
     img2img = build_generated(_gen("img2img", pipe_dir), train, real_ids, prompts, 0, torch.device("cpu"), cache)
-    assert len(img2img) == 6 and img2img.images.shape == (6, 1, 28, 28) and img2img.images.dtype == torch.uint8
+    images = img2img.load()
+    assert len(img2img) == 6 and images.shape == (6, 1, 28, 28) and images.dtype == torch.uint8
     assert img2img.sources == ["real:0", "real:0", "real:401", "real:401", "real:802", "real:802"]
     assert img2img.labels.tolist() == train.labels[real_ids].repeat_interleave(2).tolist()
-    assert not torch.equal(img2img.images[0], img2img.images[1]), "each redraw has its own noise"
+    assert not torch.equal(images[0], images[1]), "each redraw has its own noise"
 
     cls2img = build_generated(_gen("cls2img", pipe_dir), train, real_ids, prompts, 0, torch.device("cpu"), cache)
     # multiplier x (real images per class, here 3 // 10 -> at least 1) per class, from the class prompts
@@ -94,7 +95,7 @@ def test_generation_with_a_tiny_random_pipeline(tmp_path, monkeypatch):
         raise AssertionError("the cached set must be read, not generated again")
     monkeypatch.setattr(generated, "load_pipeline", no_pipeline)
     again = build_generated(_gen("img2img", pipe_dir), train, real_ids, prompts, 0, torch.device("cpu"), cache)
-    assert torch.equal(again.images, img2img.images) and again.sources == img2img.sources
+    assert torch.equal(again.load(), images) and again.sources == img2img.sources
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\], got 1.5"):
         monkeypatch.undo()
         build_generated(_gen("img2img", pipe_dir, strength=1.5), train, real_ids, prompts, 0, torch.device("cpu"),
@@ -113,3 +114,26 @@ def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(ModuleNotFoundError, match=r"gen=img2img needs diffusers: pip install 'fastdistill\[gen\]'"):
         load_pipeline("img2img", "/any", torch.device("cpu"))
+
+
+def test_img2img_decodes_a_batch_at_a_time_and_returns_files(tmp_path, monkeypatch):
+    # a stand-in pipeline that returns its input: the plumbing around diffusers, without the [gen] extra
+    from types import SimpleNamespace
+
+    import fastdistill.data.generated as generated
+    from fastdistill.data.dataset import ImageDataset
+
+    monkeypatch.setattr(generated, "load_pipeline",
+                        lambda mode, path, device: lambda image, **kw: SimpleNamespace(images=image))
+    taken, take = [], ImageDataset.take
+    monkeypatch.setattr(ImageDataset, "take", lambda self, index: taken.append(len(index)) or take(self, index))
+    train = build_dataset(OmegaConf.create({"name": "mnist5k", "train_per_class": 400}))["train"]
+    real_ids = torch.tensor([0, 401, 802])
+    prompts = build_prompts(train.classes, ['a photo of the number: "{c}".'])
+    out = build_generated(_gen("img2img", tmp_path / "pipe", batch_size=4, resolution=28), train, real_ids, prompts, 0,
+                          torch.device("cpu"), tmp_path / "cache")
+    assert taken[:2] == [4, 2], f"the real images are read one generation batch at a time, got {taken}"
+    assert len(out.paths) == 6 and all(p.is_file() and p.parent.parent == out.root for p in out.paths)
+    assert out.dataset().images is None, "the generated set is read back as files"
+    torch.testing.assert_close(out.load(), train.images[real_ids].repeat_interleave(2, 0), rtol=0, atol=1,
+                               msg="an echo pipeline gives back the real images")

@@ -35,7 +35,7 @@ def gen_folder(tmp_path_factory):
     make_augmented.main(["--out", str(root), "--per-image", "2", "--real-per-class", "2", "--seed", "0"])
     gen = read_folder(root, train.classes, tuple(train.image_size), train.channels)
     rows = torch.tensor([ids.tolist().index(int(i)) for i in gen.source_ids()])
-    return root, ids, gen.images, rows
+    return root, ids, gen.load(), rows
 
 
 def test_end_to_end_gen_folder_cp(tmp_path, gen_folder):

@@ -159,6 +159,26 @@ def test_dino_takes_its_views_from_each_file_as_it_decodes(folder, tmp_path):
     assert len(metrics["history"]) == 1 and torch.isfinite(torch.tensor(metrics["history"][0]["train_loss"]))
 
 
+def test_kd_clip_streams_its_real_and_generated_files(folder, tmp_path):
+    from fastdistill import make_augmented
+    from fastdistill.recipes.kd_clip import KDClipRecipe
+
+    gen = tmp_path / "aug"
+    make_augmented.main(["--out", str(gen), "--per-image", "1", "--real-per-class", "2", *DATA, f"data.root={folder}"])
+    cfg = _cfg(folder, "+method=kd_clip", "preset=smoke", "method.teacher=timm:resnet10t", "method.teacher_weights=none",
+               "+method.teacher_kwargs.num_classes=50", "method.real_per_class=2", "method.gen.mode=folder",
+               f"method.gen.folder={gen}", "method.kd.epochs=1", "method.finetune.epochs=1", "method.baseline.epochs=1",
+               "method.baseline.cache=false", "method.eval_batch_size=64", f"out={tmp_path / 'kd'}")
+    recipe = KDClipRecipe(cfg)
+    recipe.setup()
+    kd = recipe.kd_set
+    assert kd.images is None and len(kd.paths) == 200 and sum(p.suffix == ".png" for p in kd.paths) == 100
+    assert recipe.cached.shape[0] == 200, "one cached target per real and generated file"
+    recipe.train()
+    assert recipe.crop_at_decode and recipe.loader.dataset.train_crop is not None
+    assert set(recipe.results) == {"finetune", "baseline"} and all(0 <= v <= 1 for v in recipe.results.values())
+
+
 @pytest.mark.slow
 def test_rehearsal_memory_is_flat_in_images_per_class(tmp_path):
     # the benchmark at a tenth of its size: 100 classes, 2 and 6 JPEGs per class; it exits 1 when peak memory grows
