@@ -1,7 +1,11 @@
 """NVIDIA DALI loader (``loader=dali``): a CPU pipeline fed batch by batch through ``fn.external_source``.
 
 The batches are TorchLoader's (``epoch_order``), so ``loader=dali`` and ``loader=torch`` see the same samples in
-the same order. Needs the ``dali`` extra; runs without a GPU (``device_id=None``, PLATFORM.md "Data loaders").
+the same order. Decoded images pass through as they are; files are fed encoded and DALI decodes them on its CPU
+threads the way the torch loader's evaluation decode does: the same resize and centre crop, read from each file's
+header (``eval_geometry``), with DALI's antialiased linear resampling instead of PIL's (a few grey levels apart;
+more where PIL decodes a JPEG at a reduced DCT scale and DALI at full size). Needs the ``dali`` extra; runs without
+a GPU (``device_id=None``, PLATFORM.md "Data loaders").
 """
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fastdistill.data.dataset import ImageDataset
+from fastdistill.data.dataset import ImageDataset, eval_geometry
 from fastdistill.data.loaders import epoch_order
 
 try:
     import nvidia.dali  # noqa: F401  (first, so a missing or blocked DALI fails here and not on a cached submodule)
-    from nvidia.dali import fn
+    from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
     _IMPORT_ERROR: ImportError | None = None
@@ -28,8 +32,8 @@ _INSTALL = "loader 'dali' needs the dali extra: pip install 'fastdistill[dali]'"
 class DALILoader:
     """DALI over the dataset's uint8 images: uint8 (B, C, H, W) and int64 (B,) CPU tensors per batch.
 
-    ``num_workers`` sets DALI's CPU threads (at least 1). Images on disk (``paths``) are decoded per batch
-    by the dataset, in the feeding thread.
+    ``num_workers`` sets DALI's CPU threads (at least 1), which decode the files of a dataset on disk
+    (``paths``); a dataset decoding for training (``train_crop``) is decoded by itself, in the feeding thread.
 
     Raises:
         ModuleNotFoundError: DALI cannot be imported.
@@ -52,12 +56,30 @@ class DALILoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _batch(self, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        if self.dataset.images is not None:
-            images = self.dataset.images[idx]
-        else:
-            images = torch.stack([self.dataset[i][0] for i in idx.tolist()])
-        return images.numpy(), self.dataset.labels[idx].numpy()
+    @property
+    def _dali_decodes(self) -> bool:
+        return self.dataset.images is None and self.dataset.train_crop is None
+
+    def _batch(self, idx: torch.Tensor) -> tuple:
+        """(images, labels), or for files (encoded bytes, labels, resized (H, W), crop (top, left)) per sample."""
+        ds, ids = self.dataset, idx.tolist()
+        labels = ds.labels[idx].numpy()
+        if self._dali_decodes:  # the bytes: DALI decodes them on its threads; PIL only reads the headers
+            where = [eval_geometry(ds.paths[i], ds.image_size, ds.channels, ds.crop_pct) for i in ids]
+            return ([np.fromfile(ds.paths[i], dtype=np.uint8) for i in ids], labels,
+                    [np.array(hw, dtype=np.float32) for hw, _ in where],
+                    [np.array(tl, dtype=np.int32) for _, tl in where])
+        if ds.images is not None:
+            return ds.images[idx].numpy(), labels
+        return torch.stack([ds[i][0] for i in ids]).numpy(), labels
+
+    def _decode(self, encoded, resized, start):
+        """Encoded files -> uint8 (C, H, W): the evaluation decode of ``ImageDataset`` (resize, centre crop)."""
+        ds = self.dataset
+        x = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY if ds.channels == 1 else types.RGB)
+        x = fn.resize(x, size=resized, antialias=True)
+        x = fn.slice(x, start=start, shape=list(ds.image_size), axes=[0, 1])
+        return fn.transpose(x, perm=[2, 0, 1])
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
@@ -74,8 +96,12 @@ class DALILoader:
         # reused across epochs would read the next epoch's first batches before its order is known
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self.device_id)
         with pipe:
-            images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["CHW", ""])
-            pipe.set_outputs(images, labels)
+            if self._dali_decodes:
+                encoded, labels, resized, start = fn.external_source(source=source, num_outputs=4, batch=True)
+                pipe.set_outputs(self._decode(encoded, resized, start), labels)
+            else:
+                images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["CHW", ""])
+                pipe.set_outputs(images, labels)
         pipe.build()
         for _ in batches:
             images, labels = pipe.run()

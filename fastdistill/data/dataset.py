@@ -216,14 +216,35 @@ def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float
     return views
 
 
-def _open(path: Path, channels: int, short: int) -> Image.Image:
-    """The decoded file in L or RGB; JPEGs at the smallest DCT scale whose shorter side still covers ``short``."""
+def eval_geometry(path: Path, size: tuple[int, int], channels: int,
+                  crop_pct: float = 1.0) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`read_image`'s evaluation decode takes its pixels from, read from the file's header alone: the
+    (H, W) the (bounded) decode is resized to and the (top, left) of the centre crop, by torchvision's rules (resize:
+    the longer side truncated; centre crop: the offset rounded half to even). Other decoders (DALI) follow it."""
+    short = math.ceil(min(size) / crop_pct)
     try:
         with Image.open(path) as im:
+            _draft(im, channels, short)
             w, h = im.size
-            if im.format == "JPEG":  # bounded decode
-                s = short / min(w, h)
-                im.draft("L" if channels == 1 else "RGB", (math.ceil(w * s), math.ceil(h * s)))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"corrupt image file '{path}': {e}") from None
+    rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    return (rh, rw), (int(round((rh - size[0]) / 2.0)), int(round((rw - size[1]) / 2.0)))
+
+
+def _draft(im: Image.Image, channels: int, short: int) -> None:
+    """JPEGs: decode at the smallest DCT scale whose shorter side still covers ``short`` (sets ``im.size``)."""
+    if im.format == "JPEG":
+        w, h = im.size
+        s = short / min(w, h)
+        im.draft("L" if channels == 1 else "RGB", (math.ceil(w * s), math.ceil(h * s)))
+
+
+def _open(path: Path, channels: int, short: int) -> Image.Image:
+    """The decoded file in L or RGB, bounded (:func:`_draft`)."""
+    try:
+        with Image.open(path) as im:
+            _draft(im, channels, short)
             return im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"corrupt image file '{path}': {e}") from None
