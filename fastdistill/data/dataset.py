@@ -19,6 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -26,12 +27,14 @@ from PIL import Image, UnidentifiedImageError
 
 @dataclass(frozen=True)
 class TrainCrop:
-    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image, then a flip with p 0.5."""
+    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image, then a flip with p 0.5, then
+    ``augment`` (a PIL transform such as DeiT's RandAugment, ``data/deit_augment.py``) where given."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
-    interpolation: str = "bilinear"  # or bicubic (the published DINO and MAE crops)
+    interpolation: str = "bilinear"  # or bicubic (the published DINO, MAE and DeiT crops)
+    augment: Callable[[Image.Image], Image.Image] | None = None
 
 
 @dataclass
@@ -192,6 +195,8 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
                                           interpolation=mode, antialias=True)(im)
                 if train_crop.hflip and torch.rand(()) < 0.5:
                     im = TF.horizontal_flip(im)
+                if train_crop.augment is not None:
+                    im = train_crop.augment(im)
             else:
                 im = TF.center_crop(TF.resize(im, short, antialias=True), list(size))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)

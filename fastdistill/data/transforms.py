@@ -26,6 +26,24 @@ def to_input(x: torch.Tensor, size: tuple[int, int] | None = None, channels: int
     return x
 
 
+def centre_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float = 1.0) -> torch.Tensor:
+    """The evaluation decode of ``read_image`` on a [0, 1] batch (N, C, H, W): shorter side to
+    ``ceil(min(size) / crop_pct)`` (aspect kept; no resampling where it is already that size), then the centre
+    ``size`` crop, offsets rounded as torchvision's ``center_crop``. crop_pct 0.875 at 224 px: Resize 256 +
+    CenterCrop 224."""
+    short = math.ceil(min(size) / crop_pct)
+    h, w = x.shape[-2:]
+    if min(h, w) != short:
+        scale = short / min(h, w)
+        new = (short, max(short, round(w * scale))) if h <= w else (max(short, round(h * scale)), short)
+        x = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True)
+        h, w = new
+    if h < size[0] or w < size[1]:
+        raise ValueError(f"centre_crop: a {h}x{w} image is smaller than the {size[0]}x{size[1]} crop")
+    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                         generator: torch.Generator | None = None, per_sample: bool = True,
                         mode: str = "bilinear") -> torch.Tensor:

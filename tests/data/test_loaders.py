@@ -101,3 +101,21 @@ def test_missing_extra_names_it(monkeypatch, name, module):
     del sys.modules[loader_module]
     with pytest.raises(ModuleNotFoundError, match=rf"pip install 'fastdistill\[{name}\]'"):
         build_loader(name, make_dataset(), BATCH)
+
+
+@pytest.mark.parametrize("n, batch", [(37, 8), (40, 8), (5, 12)])
+def test_pass_batch_draws_without_replacement_within_a_pass(n, batch):
+    from fastdistill.data.loaders import pass_batch
+
+    per_pass = n // batch
+    if per_pass:  # a shuffled loader with drop_last: the batches of one pass never share a sample
+        steps = [pass_batch(n, batch, 3, s) for s in range(2 * per_pass)]
+        for p in range(2):
+            ids = torch.cat(steps[p * per_pass:(p + 1) * per_pass])
+            assert ids.unique().numel() == per_pass * batch, f"pass {p} repeats a sample"
+        assert not torch.equal(torch.cat(steps[:per_pass]), torch.cat(steps[per_pass:])), "each pass is reshuffled"
+    else:  # a batch larger than the data: whole passes, so every sample appears floor or ceil(batch / n) times
+        counts = torch.bincount(pass_batch(n, batch, 3, 0), minlength=n)
+        assert counts.min() >= batch // n and counts.max() <= -(-batch // n)
+    torch.testing.assert_close(pass_batch(n, batch, 3, 5), pass_batch(n, batch, 3, 5), msg="a function of seed, step")
+    assert pass_batch(n, batch, 3, 0).shape == (batch,)
