@@ -49,6 +49,7 @@ from fastdistill.data.soft_labels import parse_format
 from fastdistill.eval.ddranking import check_ddranking_config, ddranking_eval, print_result
 from fastdistill.eval.student import StudentConfig, store_soft_labels, teacher_logits, train_student
 from fastdistill.kernels.bn_stats import arc_update
+from fastdistill.losses.bn_stats import recovery_loss
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
 from fastdistill.profiling import Profiler
@@ -410,11 +411,11 @@ class FADRMRecipe:
         pixels = a * self.std + self.mean
         with self.precision.autocast(), self.taps[k].collect():
             logits = self.teachers[k](pixels)
-        ce = F.cross_entropy(logits.float(), y)
         bn = self.taps[k].loss()
-        loss = ce + m.r_bn * bn
+        loss = recovery_loss(logits, y, bn, m.r_bn)
         if not torch.isfinite(loss):  # a sync, but recovery with a NaN is wasted work
-            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {ce.item()}, bn {bn.item()}")
+            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {(loss - m.r_bn * bn).item()}, "
+                                     f"bn {bn.item()}")
         return loss
 
     # ------------------------------------------------------------------ evaluation
