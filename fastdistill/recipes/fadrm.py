@@ -236,7 +236,7 @@ class FADRMRecipe:
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
             plan.append((idx, g.get_state()))
             for _ in range(m.crops_per_image):
-                crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+                crop_windows(idx.numel(), self.image_size, tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
         mine = {}
         with console.progress(self.cfg.progress) as bar:
             todo = list(dist.shard(self.num_classes))
@@ -254,7 +254,8 @@ class FADRMRecipe:
         g = torch.Generator().manual_seed(0)
         g.set_state(state)
         real = to_input(self.train_set.take(idx).to(self.device), self.image_size, self.channels)
-        thetas = torch.stack([crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+        thetas = torch.stack([crop_windows(idx.numel(), self.image_size, tuple(m.candidate_scale),
+                                           tuple(m.candidate_ratio), g)
                               for _ in range(m.crops_per_image)], 1)  # (images, crops, 2, 3)
         n, per = idx.numel(), m.crops_per_image
         flat = thetas.flatten(0, 1)  # row i * per + j: crop j of candidate i
