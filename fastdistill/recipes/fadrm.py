@@ -52,6 +52,7 @@ from fastdistill.kernels.bn_stats import arc_update
 from fastdistill.losses.bn_stats import recovery_loss
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
+from fastdistill.models.timm_source import is_timm_resnet
 from fastdistill.profiling import Profiler
 from fastdistill.recipes import get_recipe
 from fastdistill.teachers import calibrate_bn, frozen_backbone
@@ -72,6 +73,8 @@ class FADRMRecipe:
         self.ddranking = cfg.get("eval") is not None and cfg.eval.get("name") == "ddranking"
         if self.ddranking:
             check_ddranking_config(cfg.eval)
+        if m.cifar_stem not in (True, False, "auto"):
+            raise ValueError(f"method.cifar_stem must be auto, true or false, got {m.cifar_stem!r}")
         if not m.teachers:
             raise ValueError("method.teachers is empty; name at least one BN teacher, e.g. [timm:resnet18]")
         if isinstance(m.teacher_calibration, bool) or not isinstance(m.teacher_calibration, int) \
@@ -163,8 +166,10 @@ class FADRMRecipe:
         published numbers fail to reproduce."""
         m = self.cfg.method
         weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
+        size = tuple(self.train_set.image_size)
         loaded = [frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes, train=get_recipe("teacher").main,
-                                  num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
+                                  model_kwargs=self.stem_kwargs(name, size, w), num_classes=self.num_classes)
+                  for name, w in zip(m.teachers, weights)]
         if m.teacher_calibration:  # benchmarks: random weights, BN statistics measured on real batches
             for k, (net, card) in enumerate(loaded):
                 calibrate_bn(net.to(self.device), self.train_set, int(m.teacher_calibration),
@@ -172,6 +177,15 @@ class FADRMRecipe:
                              self.cfg.seed + k)
                 card["bn_calibration_batches"] = int(m.teacher_calibration)
         return [net for net, _ in loaded], [card for _, card in loaded]
+
+    def stem_kwargs(self, arch: str, image_size: tuple[int, int], weights: str = "none") -> dict:
+        """``{"cifar_stem": True}`` where ``method.cifar_stem`` gives ``arch`` the CIFAR stem, else ``{}``. ``auto``:
+        ResNets at images of at most 64 px, as the published pipelines pick their ResNets (Jiacheng8/FADRM
+        ``validate/train_fkd.py``), except teachers with hub weights (ImageNet stems); ``true``: every ResNet;
+        other families keep their stems."""
+        mode = self.cfg.method.cifar_stem
+        on = mode is True or (mode == "auto" and max(image_size) <= 64 and weights in ("trained", "none"))
+        return {"cifar_stem": True} if on and is_timm_resnet(arch) else {}
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -448,6 +462,7 @@ class FADRMRecipe:
                     stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
                     r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
                                       self.device, self.precision, seed=seed,
+                                      model_kwargs=self.stem_kwargs(arch, self.image_size),
                                       num_workers=cfg.num_workers, progress=cfg.progress,
                                       description=f"student {arch} on {name}", stored_labels=stored,
                                       log=self.out.log, phase=f"student/{arch}/{name}")
