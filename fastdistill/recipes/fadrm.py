@@ -60,6 +60,19 @@ from fastdistill.teachers import calibrate_bn, frozen_backbone
 VARIANTS = ("fadrm", "sre2l", "rded")
 
 
+def stage_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
+    """One MRO stage's (H, W): ``null`` the full ``image_size``; a float in (0, 1] that fraction of it (so a preset
+    tuned at one resolution keeps its stage ratios at another); an int > 1 that many px, square (as published)."""
+    if size is None:
+        return tuple(image_size)
+    if isinstance(size, float) and 0 < size <= 1:
+        return tuple(max(1, round(size * n)) for n in image_size)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 1:
+        return size, size
+    raise ValueError(f"method.stage_sizes entry {size!r} must be null, a fraction of data.image_size in (0, 1] "
+                     f"(a float: 1.0 is the full size) or a size in px > 1 (an int)")
+
+
 class FADRMRecipe:
     def __init__(self, cfg: DictConfig):
         m = cfg.method
@@ -83,6 +96,8 @@ class FADRMRecipe:
                              f"{m.teacher_calibration!r}")
         if not m.stage_sizes:
             raise ValueError("method.stage_sizes needs at least one stage")
+        for size in m.stage_sizes:
+            stage_size(size, (64, 64))  # one line for a stage that is neither px, a fraction nor null
         if not 0.0 <= m.residual_alpha <= 1.0:
             raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
         if m.patches_per_side < 1 or m.stage_iterations < 0:
@@ -146,7 +161,7 @@ class FADRMRecipe:
         self.mean = mean.view(1, -1, 1, 1).to(self.device)
         self.std = std.view(1, -1, 1, 1).to(self.device)
         self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
-        self.sizes = [self.image_size if s is None else (int(s), int(s)) for s in m.stage_sizes]
+        self.sizes = [stage_size(s, self.image_size) for s in m.stage_sizes]
         if m.variant == "sre2l":  # SRe2L: one resolution
             self.sizes = [self.image_size] * len(self.sizes)
         self.n_images = num_classes * cfg.ipc

@@ -42,3 +42,23 @@ def test_cifar_stem_reaches_teachers_and_students(tmp_path, monkeypatch):
     monkeypatch.setattr(fadrm, "read_distilled", lambda *a, **k: recipe.train_set)
     recipe.evaluate()
     assert seen == {"timm:resnet18": {"cifar_stem": True}, "timm:regnetx_002": {}}, seen
+
+
+# ---------------------------------------------------------------------------------------------- MRO stage sizes
+def test_stage_sizes_follow_the_image_size():
+    from fastdistill.recipes.fadrm import stage_size
+
+    default = list(compose(["+method=fadrm"]).method.stage_sizes)
+    assert [stage_size(s, (28, 28)) for s in default] == [(24, 24), (28, 28), (24, 24), (28, 28)], \
+        "the default preset's stages at 28 px"
+    assert [stage_size(s, (64, 64))[0] for s in default] == [55, 64, 55, 64], "fractions, not 28-px stages at 64 px"
+    assert stage_size(200, (224, 224)) == (200, 200) and stage_size(None, (56, 48)) == (56, 48)
+    assert stage_size(0.5, (56, 48)) == (28, 24)
+    for bad in (1, 1.5, 0.0, True, "28"):
+        with pytest.raises(ValueError, match="method.stage_sizes entry"):
+            stage_size(bad, (28, 28))
+
+
+def test_a_bad_stage_is_one_line_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"method.stage_sizes entry 1 must be null, a fraction .* \(a float: 1.0 is"):
+        _recipe(tmp_path, "method.stage_sizes=[1,28]")
