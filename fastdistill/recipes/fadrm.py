@@ -11,8 +11,9 @@ flip per iteration for the whole batch plus a random roll, pixels clipped after 
 - MRO: the budget is split into stages of alternating resolution (``stage_sizes``).
 - ARC: after every stage but the last, ``x <- a x + (1 - a) Resample(P_s, next size)`` with P_s the real
   patches the images started from; the last stage recovers without the residual.
-- MPT: ``precision=fp16`` (GPU) runs the teacher, logits and CE under autocast with a GradScaler; the BN
-  statistics, their norms, the pixels and Adam's state stay fp32.
+- MPT (``method.mpt``): the recovery's forward under fp16 autocast with a GradScaler (CUDA; bf16 or fp32 on CPU,
+  ``engine.precision.mpt_precision``); the CE, the BN statistics and their norms, the pixels and Adam's state stay
+  fp32. Selection, relabelling and students keep ``precision`` (fp32 as published).
 - FADRM+: several teachers, one per iteration in round-robin; relabelling averages their logits.
 The set lives on disk, never whole in memory: every finished batch is written into ``distilled/<class>/<k>.png``
 (each file atomic; with ``relabel=store`` its soft labels into ``labels/<batch>.safetensors``), and a batch's
@@ -41,7 +42,7 @@ from fastdistill.artifacts import RunDir, read_distilled, to_uint8
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import apply_windows, crop_windows, random_resized_crop, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
-from fastdistill.engine.precision import channels_last_pays
+from fastdistill.engine.precision import channels_last_pays, mpt_precision
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
@@ -117,6 +118,11 @@ class FADRMRecipe:
         self.optimize = m.variant != "rded"
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.precision, self.device)
+        # MPT: the recovery's own precision (students, selection and relabelling keep cfg.precision, as published)
+        self.mpt = mpt_precision(self.device) if m.mpt else self.precision.name
+        if m.mpt and self.mpt != "fp16" and dist.is_main():
+            console.note(f"method.mpt on {self.device.type}: fp16 autocast is published for CUDA and runs through slow "
+                         f"kernels here; the recovery runs under {self.mpt} instead")
         self.out = RunDir(cfg.out)
         self.label_stats, self.ddranking_result = {}, None  # filled by evaluate
 
@@ -150,7 +156,7 @@ class FADRMRecipe:
         cfg, m = self.cfg, self.cfg.method
         self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
         self.teachers = [t.to(self.device) for t in teachers]
-        if channels_last_pays(self.device, self.precision):
+        if channels_last_pays(self.device, Precision(self.mpt, self.device)):
             self.teachers = [t.to(memory_format=torch.channels_last) for t in self.teachers]
         self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
         # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
@@ -371,6 +377,10 @@ class FADRMRecipe:
             x = F.interpolate(patches_norm, size=self.sizes[0], mode="bilinear", align_corners=False)
             done_losses = torch.empty(0)
         every = self.cfg.checkpoint_every
+        # a GradScaler per batch (fp16 MPT): its scale, like the batch's seed, depends on the batch alone
+        precision = Precision(self.mpt, self.device)
+        if self.inner is not None:
+            precision.load_state_dict(self.inner.get("scaler"))
         losses = []  # kept on the device; read once per batch (and at a mid-batch checkpoint)
         for s in range(stage0, len(self.sizes)):
             x = x.detach().requires_grad_(True)
@@ -382,17 +392,17 @@ class FADRMRecipe:
                 step = s * iters + it
                 for group in opt.param_groups:
                     group["lr"] = float(lr[step])
-                loss = self.recovery_loss(x, y, step)
+                loss = self.recovery_loss(x, y, step, precision)
                 opt.zero_grad(set_to_none=True)
-                self.precision.backward(loss)
-                self.precision.step(opt)
+                precision.backward(loss)
+                precision.step(opt)
                 losses.append(loss.detach())
                 with torch.no_grad():  # pixels stay in the valid range
                     x.data = torch.maximum(torch.minimum(x, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
                 bar.update(task, advance=1)
                 if every and (step + 1) % every == 0 and it + 1 < iters:
                     self.inner = {"batch": b, "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
-                                  "optimizer": opt.state_dict(),
+                                  "optimizer": opt.state_dict(), "scaler": precision.state_dict(),
                                   "losses": torch.cat([done_losses, torch.stack(losses).cpu()])}
                     self.save_checkpoint()
                     self.inner = None
@@ -427,8 +437,10 @@ class FADRMRecipe:
                          resolution=self.sizes[min((start + len(window) - 1) // self.cfg.method.stage_iterations,
                                                    len(self.sizes) - 1)][0])
 
-    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch."""
+    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                      precision: Precision | None = None) -> torch.Tensor:
+        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch; the forward
+        under ``precision``'s autocast (MPT: fp16), the CE and the statistics in fp32."""
         m = self.cfg.method
         k = step % len(self.teachers)
         size = tuple(x.shape[-2:])
@@ -439,7 +451,7 @@ class FADRMRecipe:
             dx, dy = torch.randint(0, m.roll + 1, (2,)).tolist()
             a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
         pixels = a * self.std + self.mean
-        with self.precision.autocast(), self.taps[k].collect():
+        with (precision or Precision(self.mpt, self.device)).autocast(), self.taps[k].collect():
             logits = self.teachers[k](pixels)
         bn = self.taps[k].loss()
         loss = recovery_loss(logits, y, bn, m.r_bn)

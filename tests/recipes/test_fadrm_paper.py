@@ -62,3 +62,63 @@ def test_stage_sizes_follow_the_image_size():
 def test_a_bad_stage_is_one_line_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"method.stage_sizes entry 1 must be null, a fraction .* \(a float: 1.0 is"):
         _recipe(tmp_path, "method.stage_sizes=[1,28]")
+
+
+# ---------------------------------------------------------------------------------------------- MPT
+def _prepared(tmp_path, *extra, size=8):
+    """A recipe ready to recover one batch of 10 classes from a random-weight ResNet-18 (no teacher training)."""
+    import torch
+
+    from fastdistill.models import create_backbone
+
+    recipe = _recipe(tmp_path, "ipc=1", "method.roll=0", "checkpoint_every=0", *extra)
+    torch.manual_seed(0)
+    teacher = create_backbone("timm:resnet18", num_classes=10).freeze()
+    recipe.prepare_recovery([teacher], (size, size), 3, 10)
+    return recipe
+
+
+class _NoBar:
+    def update(self, *args, **kwargs):
+        pass
+
+
+def test_mpt_precision_per_device():
+    import torch
+
+    from fastdistill.engine.precision import cpu_has_bf16_units, mpt_precision
+
+    assert mpt_precision(torch.device("cuda")) == "fp16", "published MPT: fp16 autocast with a GradScaler"
+    assert mpt_precision(torch.device("cpu")) == ("bf16" if cpu_has_bf16_units() else "fp32")
+
+
+def test_mpt_runs_the_forward_in_fp16_with_fp32_pixels_and_adam_state(tmp_path, monkeypatch):
+    # forced to fp16 on CPU (torch runs it there, slowly): the teacher's logits come out fp16, the GradScaler is on
+    # and checkpointed mid-batch, the pixels and Adam's moments stay fp32, the loss falls
+    import torch
+
+    import fastdistill.recipes.fadrm as fadrm
+
+    monkeypatch.setattr(fadrm, "mpt_precision", lambda device: "fp16")
+    recipe = _prepared(tmp_path, "method.mpt=true", "method.stage_sizes=[8]", "method.stage_iterations=6",
+                       "checkpoint_every=3", "method.crop_scale=[1.0,1.0]", "data.hflip=false")
+    assert recipe.mpt == "fp16" and recipe.precision.name == "fp32", "students and relabelling keep fp32"
+    dtypes, inner = [], []
+    recipe.teachers[0].model.fc.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype) and None)
+    saved = recipe.save_checkpoint
+    monkeypatch.setattr(recipe, "save_checkpoint", lambda: (inner.append(recipe.inner), saved())[1])
+    patches = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = recipe.recover_batch(0, patches, _NoBar(), None)
+    assert set(dtypes) == {torch.float16}, f"teacher logits under MPT: {set(dtypes)}"
+    assert images.dtype == torch.float32
+    state = inner[0]
+    assert state["scaler"]["scale"] > 0, "the GradScaler's state is checkpointed with the batch in progress"
+    assert state["x"].dtype == torch.float32
+    moments = state["optimizer"]["state"][0]
+    assert moments["exp_avg"].dtype == torch.float32 and moments["exp_avg_sq"].dtype == torch.float32
+    assert recipe.history[0]["loss_last"] < recipe.history[0]["loss_first"], recipe.history[0]
+
+
+def test_mpt_off_keeps_the_run_precision(tmp_path):
+    recipe = _prepared(tmp_path)
+    assert recipe.mpt == recipe.precision.name == "fp32"
