@@ -32,6 +32,7 @@ Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,39 @@ from fastdistill.teachers import calibrate_bn, frozen_backbone
 VARIANTS = ("fadrm", "sre2l", "rded")
 
 
+DIFFICULTIES = ("easy", "medium")
+STITCHINGS = ("consecutive", "strided")
+SCORINGS = ("image", "patch")
+
+
+def rank_candidates(ce: torch.Tensor, need: int, difficulty: str) -> torch.Tensor:
+    """The ``need`` kept candidates of a class, in rank order, from their best crop's cross-entropy ``ce`` (n,).
+
+    ``easy``: the lowest cross-entropy first (RDED, LINs-lab/RDED ``synthesize/utils.py`` ``selector``). ``medium``:
+    the candidates around the median score, alternately one above and one below it, starting at index ceil(n / 2) of
+    the candidates sorted hardest first (the 'medium' selection of VILA-Lab/DELT ``data_selection.py``, which FADRM's
+    scripts name with ``--patch-diff medium``; the code that makes FADRM's patch files is not published)."""
+    if difficulty == "easy":
+        return ce.argsort(stable=True)[:need]
+    hardest_first = ce.argsort(descending=True, stable=True)
+    mid, picked, step = math.ceil(len(ce) / 2), [], 0
+    while len(picked) < min(need, len(ce)):
+        offset = (step + 1) // 2 * (1 if step % 2 else -1)  # 0, +1, -1, +2, -2, ...
+        if 0 <= mid + offset < len(ce):
+            picked.append(mid + offset)
+        step += 1
+    return hardest_first[torch.tensor(picked, dtype=torch.long)]
+
+
+def patch_ranks(k: int, factor: int, ipc: int, stitching: str) -> list[int]:
+    """The ranks of the ``factor x factor`` patches of a class's image ``k``, in row-major grid order: ``consecutive``
+    ranks k f^2 .. k f^2 + f^2 - 1 (the best patches share the first image); ``strided`` rank r into image r mod ipc
+    at grid cell r // ipc, as RDED's ``mix_images`` stitches (LINs-lab/RDED ``synthesize/utils.py``)."""
+    if stitching == "strided":
+        return [j * ipc + k for j in range(factor * factor)]
+    return [k * factor * factor + j for j in range(factor * factor)]
+
+
 def stage_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
     """One MRO stage's (H, W): ``null`` the full ``image_size``; a float in (0, 1] that fraction of it (so a preset
     tuned at one resolution keeps its stage ratios at another); an int > 1 that many px, square (as published)."""
@@ -79,6 +113,10 @@ class FADRMRecipe:
         m = cfg.method
         if m.variant not in VARIANTS:
             raise ValueError(f"unknown method.variant {m.variant!r}; expected one of {', '.join(VARIANTS)}")
+        for key, choices in (("patch_difficulty", DIFFICULTIES), ("stitching", STITCHINGS),
+                             ("candidate_scoring", SCORINGS)):
+            if m[key] not in choices:
+                raise ValueError(f"method.{key} must be one of {', '.join(choices)}, got {m[key]!r}")
         if m.init not in ("patches", "noise"):
             raise ValueError(f"method.init must be patches or noise, got {m.init!r}")
         if m.relabel not in ("online", "store"):
@@ -221,22 +259,41 @@ class FADRMRecipe:
         return torch.cat([self.class_patches(c, [k]) for c in classes])
 
     def class_patches(self, c: int, ks: list[int]) -> torch.Tensor:
-        """The patches of class ``c`` for ipc indices ``ks`` from their recorded sources and crop windows."""
-        f = self.cfg.method.patches_per_side
+        """The patches of class ``c`` for ipc indices ``ks`` from their recorded sources and crop windows, stitched
+        ``factor x factor`` per image in the order of ``method.stitching`` (:func:`patch_ranks`)."""
+        m, f = self.cfg.method, self.cfg.method.patches_per_side
         h, w = self.image_size
-        rows = torch.tensor([k * f * f + j for k in ks for j in range(f * f)])
+        rows = torch.tensor([r for k in ks for r in patch_ranks(k, f, self.cfg.ipc, m.stitching)])
         sel = self.selection[c]
-        src = sel["sources"][rows]
-        real = to_input(self.train_set.take(src).to(self.device), self.image_size, self.channels)
-        best = apply_windows(real, sel["theta"][rows], (h, w))
+        real = to_input(self.train_set.take(sel["sources"][rows]).to(self.device), self.image_size, self.channels)
+        best = self.patch_pixels(real, sel["theta"][rows])
         if f > 1:
-            ph, pw = h // f, w // f
+            ph, pw = best.shape[-2:]
             n = len(ks)
-            best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
-            best = best.view(n, f, f, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+            best = best.view(n, f, f, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)  # row-major grid
             best = F.interpolate(best.reshape(n, self.channels, f * ph, f * pw), size=(h, w),
                                  mode="bilinear", align_corners=False)
         return best
+
+    def patch_pixels(self, real: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The windows ``theta`` of the [0, 1] images ``real`` as patches: at the full size, then (factor > 1)
+        downsampled with antialiasing to the patch size (image // factor), as RDED's crop resizes straight to it."""
+        f, (h, w) = self.cfg.method.patches_per_side, self.image_size
+        crops = apply_windows(real, theta, (h, w))
+        if f == 1:
+            return crops
+        return F.interpolate(crops, size=(h // f, w // f), mode="bilinear", antialias=True, align_corners=False)
+
+    def scored_pixels(self, real: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """What the teachers score for each candidate crop: the crop at the full size (``candidate_scoring:
+        image``), or its patch (:meth:`patch_pixels`) centred on the full size with the normalisation mean around
+        it (``patch``: RDED pads the normalised patch with zeros, LINs-lab/RDED ``synthesize/utils.py``)."""
+        if self.cfg.method.candidate_scoring == "image":
+            return apply_windows(real, theta, self.image_size)
+        patch = self.patch_pixels(real, theta)
+        (h, w), (ph, pw) = self.image_size, patch.shape[-2:]
+        top, left = (h - ph) // 2, (w - pw) // 2
+        return F.pad(patch - self.mean, (left, w - pw - left, top, h - ph - top)) + self.mean
 
     def check_candidates(self) -> None:
         """One line, before any work, when a class has fewer candidate images than its patches need."""
@@ -251,11 +308,13 @@ class FADRMRecipe:
     @torch.no_grad()
     def select_patches(self) -> list[dict]:
         """RDED-style selection (Sun et al. 2024): for every class, ``crops_per_image`` random-resized crops of
-        each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy (lower = more
-        typical); each image keeps its best crop, the best ``ipc * factor^2`` images are kept and stitched
-        ``factor x factor`` per synthetic image. One crop per source image keeps the set diverse: ranking all
-        crops together fills it with near-copies of the few easiest images. The published FADRM ships these
-        images pre-made; this selection is fastdistill's own.
+        each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy
+        (``candidate_scoring``: the crop at full size, or as RDED, resized to its patch size and padded); each image
+        keeps its best crop (lowest CE), ``ipc * factor^2`` images are kept by ``patch_difficulty`` (the easiest,
+        or those around the median) and stitched ``factor x factor`` per synthetic image in the order of
+        ``stitching``. One crop per source image keeps the set diverse: ranking all crops together fills it with
+        near-copies of the few easiest images. The published FADRM ships these images pre-made (``--patch-diff
+        medium``); this selection follows RDED's code with DELT's 'medium' ranking.
 
         Only the candidates of one class are decoded at a time, and a class's result is kept as source indices
         and crop windows (a few numbers per patch), from which :meth:`class_patches` rebuilds the pixels batch by
@@ -297,11 +356,11 @@ class FADRMRecipe:
         ce = []
         for start in range(0, n * per, 256):  # 256 crops alive at a time, not all of the class's
             rows = torch.arange(start, min(start + 256, n * per))
-            crops = apply_windows(real[rows // per], flat[rows], self.image_size)
+            crops = self.scored_pixels(real[rows // per], flat[rows])
             logits = teacher_logits(self.teachers, crops, self.precision)
             ce.append(F.cross_entropy(logits, torch.full((len(rows),), c, device=self.device), reduction="none"))
         ce, best_crop = torch.cat(ce).view(n, per).min(1)
-        keep = ce.argsort()[:need].cpu()
+        keep = rank_candidates(ce.cpu(), need, m.patch_difficulty)
         return {"sources": idx[keep], "theta": thetas[keep, best_crop.cpu()[keep]]}
 
     # ------------------------------------------------------------------ recovery

@@ -122,3 +122,106 @@ def test_mpt_runs_the_forward_in_fp16_with_fp32_pixels_and_adam_state(tmp_path, 
 def test_mpt_off_keeps_the_run_precision(tmp_path):
     recipe = _prepared(tmp_path)
     assert recipe.mpt == recipe.precision.name == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------- RDED selection
+def _delt_medium(ce, n):
+    """VILA-Lab/DELT's 'medium' selection restated: scores p = softmax probability of the true class, sorted
+    ascending; from index ceil(len / 2) take alternately the next above and below (mid, mid+1, mid-1, mid+2, ...)."""
+    import math
+
+    p = (-ce).exp().tolist()
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    mid, sign, out = math.ceil(len(p) / 2), -1, []
+    for k in range(n):
+        out.append(order[mid + int(sign * (k + 1) / 2)])
+        sign = -sign
+    return out
+
+
+def test_patch_difficulty_easy_and_medium():
+    import torch
+
+    from fastdistill.recipes.fadrm import rank_candidates
+
+    for n in (300, 301, 7):
+        ce = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 5
+        need = min(40, n - 3)
+        assert rank_candidates(ce, need, "easy").tolist() == ce.argsort()[:need].tolist(), "RDED: lowest CE first"
+        assert rank_candidates(ce, need, "medium").tolist() == _delt_medium(ce, need), f"DELT medium, n={n}"
+    everything = rank_candidates(torch.tensor([3.0, 1.0, 2.0, 0.5]), 4, "medium")
+    assert sorted(everything.tolist()) == [0, 1, 2, 3], "need == candidates keeps every candidate once"
+
+
+def _rded_mix(patches, n, factor):
+    """LINs-lab/RDED's mix_images restated: grid cell k (row-major) of every image t takes patch k * n + t."""
+    import torch
+
+    s = patches.shape[-1]
+    out = torch.zeros(n, patches.shape[1], factor * s, factor * s)
+    for k in range(factor * factor):
+        row, col = divmod(k, factor)
+        out[:, :, row * s:(row + 1) * s, col * s:(col + 1) * s] = patches[k * n:(k + 1) * n]
+    return out
+
+
+def test_strided_stitching_is_rdeds():
+    import torch
+
+    from fastdistill.recipes.fadrm import patch_ranks
+
+    ipc, factor = 3, 2
+    patches = torch.arange(ipc * factor * factor, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    expected = _rded_mix(patches, ipc, factor)
+    for k in range(ipc):
+        ranks = patch_ranks(k, factor, ipc, "strided")
+        grid = patches[ranks].view(factor, factor, 1, 4, 4).permute(2, 0, 3, 1, 4).reshape(1, 8, 8)
+        torch.testing.assert_close(grid, expected[k], msg=lambda m: f"image {k}: {m}")
+    assert patch_ranks(1, 2, 3, "consecutive") == [4, 5, 6, 7]
+
+
+def test_patch_scoring_pads_the_patch_with_the_mean_colour(tmp_path):
+    import torch
+
+    recipe = _prepared(tmp_path, "method.patches_per_side=2", "method.candidate_scoring=patch", size=28)
+    real = torch.rand(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    theta = torch.eye(2, 3).expand(3, 2, 3)
+    scored = recipe.scored_pixels(real, theta)
+    patch = recipe.patch_pixels(real, theta)
+    assert scored.shape == (3, 3, 28, 28) and patch.shape == (3, 3, 14, 14)
+    torch.testing.assert_close(scored[..., 7:21, 7:21], patch, msg=lambda m: f"the centred patch: {m}")
+    border = scored.clone()
+    border[..., 7:21, 7:21] = recipe.mean.expand(3, 3, 14, 14)
+    torch.testing.assert_close(border, recipe.mean.expand(3, 3, 28, 28), msg=lambda m: f"the padding: {m}")
+    whole = _prepared(tmp_path, "method.patches_per_side=2", size=28)  # candidate_scoring: image
+    torch.testing.assert_close(whole.scored_pixels(real, theta), real, atol=1e-5, rtol=0,
+                               msg=lambda m: f"the identity window scored at full size: {m}")
+
+
+def test_published_selection_end_to_end(tmp_path):
+    # the paper preset's selection keys on the digits at 2 x 2 patches: every image stitched from 4 different
+    # sources in RDED's order, 'medium' picking other candidates than 'easy'
+    import torch
+
+    keys = ["preset=smoke", "ipc=2", "method.teacher_weights=none", "method.patches_per_side=2",
+            "method.candidates_per_class=12", "method.crops_per_image=2", "method.candidate_scale=[0.08,1.0]",
+            "method.candidate_ratio=[1.0,1.0]", "method.candidate_scoring=patch", "method.stitching=strided"]
+    medium = _recipe(tmp_path / "m", *keys, "method.patch_difficulty=medium")
+    medium.setup()
+    easy = _recipe(tmp_path / "e", *keys, "method.patch_difficulty=easy")
+    easy.setup()
+    for c in range(10):
+        assert medium.selection[c]["sources"].unique().numel() == 8, "one patch per source image"
+        assert set(medium.selection[c]["sources"].tolist()) != set(easy.selection[c]["sources"].tolist())
+    images = medium.class_patches(3, [0, 1])
+    assert images.shape == (2, 1, 28, 28)
+    first = medium.patch_pixels(*_sources(medium, 3, [0, 2, 4, 6]))  # ranks 0, 2, 4, 6 make image 0
+    torch.testing.assert_close(images[0, :, :14, 14:], first[1], msg=lambda m: f"top-right cell = rank 2: {m}")
+
+
+def _sources(recipe, c, ranks):
+    from fastdistill.data.transforms import to_input
+
+    sel = recipe.selection[c]
+    real = to_input(recipe.train_set.take(sel["sources"][ranks]), recipe.image_size, recipe.channels)
+    return real, sel["theta"][ranks]
