@@ -49,7 +49,8 @@ from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.data.soft_labels import parse_format
 from fastdistill.eval.ddranking import check_ddranking_config, ddranking_eval, print_result
-from fastdistill.eval.student import StudentConfig, store_soft_labels, teacher_logits, train_student
+from fastdistill.eval.student import (StudentConfig, check_student_config, store_soft_labels, teacher_logits,
+                                      train_student)
 from fastdistill.kernels.bn_stats import arc_update
 from fastdistill.losses.bn_stats import recovery_loss
 from fastdistill.models import Backbone
@@ -161,6 +162,7 @@ class FADRMRecipe:
         if m.mpt and self.mpt != "fp16" and dist.is_main():
             console.note(f"method.mpt on {self.device.type}: fp16 autocast is published for CUDA and runs through slow "
                          f"kernels here; the recovery runs under {self.mpt} instead")
+        check_student_config(self.student_config())  # before any recovery
         self.out = RunDir(cfg.out)
         self.label_stats, self.ddranking_result = {}, None  # filled by evaluate
 
@@ -530,9 +532,7 @@ class FADRMRecipe:
                     distilled, self.train_set, self.test_set, self.teachers, self.image_size, cfg.eval, cfg.seed,
                     bool(cfg.data.get("hflip", True)), self.device, self.precision, cfg.num_workers, cfg.progress)
             return {}
-        scfg = StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
-                             final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
-                             crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        scfg = self.student_config()
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
         sets = {"synthetic": read_distilled(self.out.path, self.classes, self.channels)}
         if e.real_random:
@@ -554,6 +554,15 @@ class FADRMRecipe:
                                       log=self.out.log, phase=f"student/{arch}/{name}")
                     students[arch][name] = r["test_acc"]
         return students
+
+    def student_config(self) -> StudentConfig:
+        """The students' training (``method.eval``) as :func:`~fastdistill.eval.student.train_student` takes it."""
+        e = self.cfg.method.eval
+        return StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
+                             final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
+                             crop_scale=tuple(e.crop_scale), hflip=bool(self.cfg.data.get("hflip", True)),
+                             accumulation_steps=e.accumulation_steps, cutmix=float(e.cutmix),
+                             teacher_bn=e.teacher_bn, lr_schedule=e.lr_schedule)
 
     def store_labels(self, arch: str, name: str, images, scfg: StudentConfig, seed: int):
         """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,

@@ -225,3 +225,15 @@ def _sources(recipe, c, ranks):
     sel = recipe.selection[c]
     real = to_input(recipe.train_set.take(sel["sources"][ranks]), recipe.image_size, recipe.channels)
     return real, sel["theta"][ranks]
+
+
+# ---------------------------------------------------------------------------------------------- students
+def test_paper_students_train_as_published_and_the_default_as_before(tmp_path):
+    paper = _recipe(tmp_path, "preset=paper").student_config()
+    assert (paper.batch_size, paper.accumulation_steps, paper.crop_scale, paper.lr_schedule, paper.cutmix,
+            paper.teacher_bn) == (16, 2, (0.08, 1.0), "epoch", 1.0, "half_batch")
+    default = _recipe(tmp_path).student_config()
+    assert (default.batch_size, default.accumulation_steps, default.lr_schedule, default.cutmix,
+            default.teacher_bn) == (32, 1, "step", 0.0, "running")
+    with pytest.raises(ValueError, match="accumulation_steps must be an integer >= 1 dividing batch_size 32"):
+        _recipe(tmp_path, "method.eval.accumulation_steps=3")
