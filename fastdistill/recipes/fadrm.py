@@ -61,8 +61,6 @@ from fastdistill.recipes import get_recipe
 from fastdistill.teachers import calibrate_bn, frozen_backbone
 
 VARIANTS = ("fadrm", "sre2l", "rded")
-
-
 DIFFICULTIES = ("easy", "medium")
 STITCHINGS = ("consecutive", "strided")
 SCORINGS = ("image", "patch")

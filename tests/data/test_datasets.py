@@ -126,7 +126,8 @@ def test_random_resized_crop_stays_inside():
 
 
 def _boxes(theta, size):
-    """Pixel boxes (top, left, height, width) of affine_grid windows on an image of ``size``: torchvision's (i, j, h, w)."""
+    """Pixel boxes (top, left, height, width) of affine_grid windows on an image of ``size``: torchvision's
+    (i, j, h, w)."""
     height, width = size
     t = theta.double()
     w, h = t[:, 0, 0] * width, t[:, 1, 1] * height
