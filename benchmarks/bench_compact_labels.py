@@ -53,9 +53,7 @@ def main(argv=None) -> dict:
     teachers = [frozen_backbone(name, m.teacher_weights, cfg, m.teacher_preset, train_set.classes,
                                 train=get_recipe("teacher").main, num_classes=train_set.num_classes)[0].to(device)
                 for name in m.teachers]
-    scfg = StudentConfig(epochs=args.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
-                         final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
-                         crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+    scfg = StudentConfig.from_eval(e, hflip=bool(cfg.data.get("hflip", True)), epochs=args.epochs)
     image_size = tuple(train_set.image_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

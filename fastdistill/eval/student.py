@@ -62,6 +62,14 @@ class StudentConfig:
     teacher_bn: str = "running"  # running: teachers in eval mode | half_batch: BN over each half of the batch
     lr_schedule: str = "step"  # step: cosine per step to lr * final | epoch: the published per-epoch cosine with eta
 
+    @classmethod
+    def from_eval(cls, e, hflip: bool, **overrides) -> "StudentConfig":
+        """A ``method.eval`` section (keys a saved run's config may predate take their defaults here)."""
+        keys = {f: e.get(f) for f in cls.__dataclass_fields__ if e.get(f) is not None}
+        if "crop_scale" in keys:
+            keys["crop_scale"] = tuple(keys["crop_scale"])
+        return cls(**{**keys, "hflip": hflip, **overrides})
+
 
 TARGETS = ("soft", "hard")
 TEACHER_BN = ("running", "half_batch")

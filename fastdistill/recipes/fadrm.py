@@ -555,12 +555,7 @@ class FADRMRecipe:
 
     def student_config(self) -> StudentConfig:
         """The students' training (``method.eval``) as :func:`~fastdistill.eval.student.train_student` takes it."""
-        e = self.cfg.method.eval
-        return StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
-                             final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
-                             crop_scale=tuple(e.crop_scale), hflip=bool(self.cfg.data.get("hflip", True)),
-                             accumulation_steps=e.accumulation_steps, cutmix=float(e.cutmix),
-                             teacher_bn=e.teacher_bn, lr_schedule=e.lr_schedule)
+        return StudentConfig.from_eval(self.cfg.method.eval, hflip=bool(self.cfg.data.get("hflip", True)))
 
     def store_labels(self, arch: str, name: str, images, scfg: StudentConfig, seed: int):
         """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,
