@@ -2,7 +2,7 @@
 against online relabelling, on a saved FADRM set.
 
     python -m fastdistill.run +method=fadrm "method.eval.students=[]" out=runs/fadrm_ipc10   # the set, ipc 10
-    python benchmarks/bench_compact_labels.py runs/fadrm_ipc10 --student timm:regnetx_002 --epochs 30 --seeds 0 1 2
+    python benchmarks/bench_compact_labels.py runs/fadrm_ipc10 --student timm:resnet18 --epochs 50 --seeds 0 1 2
 
 Every format trains the same student from the same seed (same initial weights, same crops in the same order), so
 the accuracies differ by the labels alone; online relabelling is the reference. Writes
@@ -27,8 +27,8 @@ FORMATS = ["online", "fp16", "topk:1", "topk:2", "topk:5", "quant:8", "quant:4"]
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a fadrm run folder (distilled/, config.yaml)")
-    ap.add_argument("--student", default="timm:regnetx_002")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--student", default="timm:resnet18")
+    ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "compact_labels_cpu.json"))
@@ -53,9 +53,7 @@ def main(argv=None) -> dict:
     teachers = [frozen_backbone(name, m.teacher_weights, cfg, m.teacher_preset, train_set.classes,
                                 train=get_recipe("teacher").main, num_classes=train_set.num_classes)[0].to(device)
                 for name in m.teachers]
-    scfg = StudentConfig(epochs=args.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
-                         final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
-                         crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+    scfg = StudentConfig.from_eval(e, hflip=bool(cfg.data.get("hflip", True)), epochs=args.epochs)
     image_size = tuple(train_set.image_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

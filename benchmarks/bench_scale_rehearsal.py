@@ -48,7 +48,10 @@ SIZES = {
     "fadrm": ["data.image_size=64", "data.cache=false", "ipc=1", "method.stage_sizes=[56,64,56,64]", "method.stage_iterations=1",
               "method.roll=8", "method.patches_per_side=1", "method.crops_per_image=1",
               "method.teacher_weights=none", "method.teacher_calibration=2",
-              "method.eval.students=[timm:resnet18]", "method.eval.epochs=1", "method.relabel=store"],
+              "method.eval.students=[timm:resnet18]", "method.eval.epochs=1", "method.relabel=store",
+              # the 224-px command's ImageNet stems (auto would pick the CIFAR stem at 64 px) and fp32 (MPT is fp16
+              # on the GPU; on this CPU it would be bf16)
+              "method.cifar_stem=false", "method.mpt=false"],
     "lgm": ["data.image_size=64", "data.cache=false", "method.image_size=56", "ipc=1", "precision=fp32",
             "method.backbones=[timm:test_resnet,timm:test_efficientnet]", "method.backbone_pretrained=none",
             "method.backbone_kwargs=[{},{}]", "method.backbone_weights=[1.0,1.0]", "method.iterations=2",

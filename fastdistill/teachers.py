@@ -121,17 +121,23 @@ def ensure_trained(train: Callable[[DictConfig], dict], tcfg: DictConfig) -> Pat
 
 
 def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, classes: list[str],
-                    train: Callable[[DictConfig], dict] | None = None, **kwargs) -> tuple[Backbone, dict]:
+                    train: Callable[[DictConfig], dict] | None = None, model_kwargs: dict | None = None,
+                    **kwargs) -> tuple[Backbone, dict]:
     """A frozen backbone and its card (without the training history). ``weights=trained`` trains ``model`` on the
     run's data with ``+method=teacher preset=<preset>`` (``train``: that recipe's ``main``; cached, class order
-    checked); anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``."""
+    checked); anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``.
+    ``model_kwargs`` shape the network itself (e.g. ``{"cifar_stem": True}``): added to the teacher preset's own
+    for a trained teacher, so they are part of its cache key, and passed to the factory otherwise."""
     if weights == "trained":
         if train is None:
             raise ValueError(f"{model}: weights=trained needs the teacher recipe's entry to train it")
-        folder = ensure_trained(train, training_config("teacher", model, preset, cfg))
+        tcfg = training_config("teacher", model, preset, cfg)
+        if model_kwargs:
+            tcfg.method.model_kwargs = {**OmegaConf.to_container(tcfg.method.model_kwargs), **model_kwargs}
+        folder = ensure_trained(train, tcfg)
         net, card = load_run(folder, classes)
         return net, {k: v for k, v in card.items() if k != "history"}
-    net = create_backbone(model, pretrained=weights, **kwargs).freeze()
+    net = create_backbone(model, pretrained=weights, **(model_kwargs or {}), **kwargs).freeze()
     return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
 
 

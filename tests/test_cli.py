@@ -112,3 +112,18 @@ def test_make_augmented_bad_input_is_one_line(args, message, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "aug").exists()
+
+
+def test_readme_error_example_is_the_real_message():
+    """The README quotes the unknown-method error; it must list every method, as the command prints them."""
+    import re
+    from pathlib import Path
+
+    from fastdistill.config import compose
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.search(r"`ValueError: (unknown method 'lgn'; expected one of [^`]*)`", readme)
+    assert quoted, "README.md quotes the unknown-method error"
+    with pytest.raises(ValueError) as e:
+        compose(["+method=lgn"])
+    assert quoted.group(1) == str(e.value)

@@ -96,3 +96,32 @@ def test_trained_weights_need_the_training_entry():
     cfg = compose(["+method=fadrm", "preset=smoke"])
     with pytest.raises(ValueError, match="weights=trained needs the teacher recipe's entry"):
         frozen_backbone(MODEL, "trained", cfg, "smoke", [str(d) for d in range(10)])
+
+
+def test_model_kwargs_reach_the_trained_teacher_and_its_cache_key(tmp_path, monkeypatch):
+    # the CIFAR stem changes the network: a teacher trained with it is another cached run, loaded with it
+    monkeypatch.setenv("FASTDISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = compose(["+method=fadrm", "preset=smoke"])
+    seen = []
+
+    def fake_training(tcfg):
+        seen.append(tcfg)
+        out = tcfg.out
+        from pathlib import Path
+
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        net = create_backbone("timm:resnet18", num_classes=10, **tcfg.method.model_kwargs)
+        save_model(net.model, str(folder / WEIGHTS))
+        (folder / CARD).write_text(json.dumps({"model": "timm:resnet18", "classes": [str(d) for d in range(10)],
+                                               "model_kwargs": dict(tcfg.method.model_kwargs)}))
+        return {}
+
+    classes = [str(d) for d in range(10)]
+    net, _ = frozen_backbone("timm:resnet18", "trained", cfg, "smoke", classes, train=fake_training,
+                             model_kwargs={"cifar_stem": True})
+    plain, _ = frozen_backbone("timm:resnet18", "trained", cfg, "smoke", classes, train=fake_training)
+    assert len(seen) == 2 and dict(seen[0].method.model_kwargs) == {"cifar_stem": True}
+    assert config_hash(seen[0]) != config_hash(seen[1]), "the stem must be part of the teacher cache key"
+    assert net.model.conv1.stride == (1, 1) and plain.model.conv1.stride == (2, 2), "each loaded with its own stem"

@@ -20,6 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -28,12 +29,14 @@ from PIL import Image, UnidentifiedImageError
 @dataclass(frozen=True)
 class TrainCrop:
     """Train-time decode: RandomResizedCrop(scale, ratio) on the original image to ``size`` (None: the dataset's
-    ``image_size``), then a flip with p 0.5."""
+    ``image_size``), then a flip with p 0.5, then ``augment`` (a PIL transform such as DeiT's RandAugment,
+    ``data/deit_augment.py``) where given."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
-    interpolation: str = "bilinear"  # or bicubic (the published DINO and MAE crops)
+    interpolation: str = "bilinear"  # or bicubic (the published DINO, MAE and DeiT crops)
+    augment: Callable[[Image.Image], Image.Image] | None = None
     size: tuple[int, int] | None = None
 
 
@@ -193,7 +196,8 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
 def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float,
                crops: tuple[TrainCrop, ...]) -> list[torch.Tensor]:
     """One decode of the file, then per crop a RandomResizedCrop of the whole image to ``crop.size`` (default
-    ``size``) and a flip, from the global RNG (the dataset seeds it per sample): uint8 (channels, *crop.size) each.
+    ``size``), a flip and ``crop.augment``, from the global RNG (the dataset seeds it per sample): uint8
+    (channels, *crop.size) each.
 
     The image is first brought down to a shorter side of ``largest view / crop_pct`` when it is larger: a crop
     sees no more detail than that, and a multi-crop's views share the one resize.
@@ -212,6 +216,8 @@ def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float
                                  interpolation=v2.InterpolationMode(crop.interpolation), antialias=True)(im)
         if crop.hflip and torch.rand(()) < 0.5:
             v = TF.horizontal_flip(v)
+        if crop.augment is not None:
+            v = crop.augment(v)
         views.append(_to_tensor(v, channels))
     return views
 

@@ -6,8 +6,9 @@
   prompted with its class; the generated image's *source* is that real image (condition prediction needs it).
 - ``folder``: images made elsewhere, in the folder layout below.
 
-Pipelines come from ``diffusers`` (the optional extra ``pip install 'fastdistill[gen]'``) and load from any local
-Stable-Diffusion-style pipeline folder (``from_pretrained(path)``): nothing downloads. Generated images are cached
+Pipelines come from ``diffusers`` (the optional extra ``pip install 'fastdistill[gen]'``) and load from a local
+Stable-Diffusion-style pipeline folder (``from_pretrained(path)``, nothing downloads) or, named by its Hugging Face
+hub id (``stabilityai/stable-diffusion-2-1``), from the Hugging Face cache. Generated images are cached
 on disk under a hash of everything that made them, in the same layout ``gen=folder`` reads, and are read back from
 there like a dataset's files (:meth:`GeneratedSet.dataset`, decoded on access)::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.transforms import to_input
 
 GEN_MODES = ("none", "cls2img", "img2img", "folder")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face hub spells a repository
 INDEX = "index.json"
 REAL, PROMPT = "real:", "prompt:"
 
@@ -158,19 +161,30 @@ def read_folder(root: str | Path, classes: list[str], image_size: tuple[int, int
 
 # ------------------------------------------------------------------------------------------------ diffusion
 def load_pipeline(mode: str, path: str | None, device: torch.device):
-    """A local diffusers pipeline folder as a text-to-image (cls2img) or image-to-image (img2img) pipeline."""
+    """A diffusers pipeline as a text-to-image (cls2img) or image-to-image (img2img) pipeline, from a local folder
+    (``save_pretrained``'s layout, never downloads) or a Hugging Face hub id such as
+    ``stabilityai/stable-diffusion-2-1`` (read from the Hugging Face cache, fetched into it when missing: asked
+    for by name, as ``hub`` weights are)."""
     try:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
     except ImportError:
         raise ModuleNotFoundError(f"gen={mode} needs diffusers: pip install 'fastdistill[gen]'") from None
     if not path:
-        raise ValueError(f"gen={mode} needs method.gen.pipeline=/path/to/a/diffusers/pipeline/folder")
+        raise ValueError(f"gen={mode} needs method.gen.pipeline=/path/to/a/diffusers/pipeline/folder or a hub id")
     folder = Path(str(path)).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"diffusion pipeline '{folder}' not found (a folder with model_index.json, as "
-                                f"save_pretrained writes it)")
     cls = AutoPipelineForText2Image if mode == "cls2img" else AutoPipelineForImage2Image
-    pipe = cls.from_pretrained(str(folder), local_files_only=True)
+    if (folder / "model_index.json").is_file():
+        pipe = cls.from_pretrained(str(folder), local_files_only=True)
+    elif HUB_ID.fullmatch(str(path)) and not folder.exists():
+        try:
+            pipe = cls.from_pretrained(str(path))
+        except (OSError, ValueError) as e:  # not in the cache and not reachable, or no such pipeline
+            raise FileNotFoundError(f"diffusion pipeline {str(path)!r} could not be loaded from the Hugging Face "
+                                    f"hub or its cache ({type(e).__name__}); give its id with network access "
+                                    f"once, or a local folder with model_index.json") from None
+    else:
+        raise FileNotFoundError(f"diffusion pipeline '{folder}' not found (a folder with model_index.json, as "
+                                f"save_pretrained writes it, or a hub id such as stabilityai/stable-diffusion-2-1)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -269,10 +283,12 @@ def build_generated(gen, train, real_ids: torch.Tensor, prompts: list[list[str]]
             raise ValueError(f"'{gen.folder}' has images made from real:{outside[0]} (and {len(outside) - 1} more), "
                              f"which is not among the student's real images: it would leak real data")
         return out
-    key = generation_key(mode=mode, pipeline=str(Path(str(gen.pipeline)).expanduser().resolve()) if gen.pipeline
-                         else None, prompts=prompts, multiplier=gen.multiplier, strength=gen.strength, steps=gen.steps,
-                         guidance=gen.guidance, resolution=gen.resolution, seed=seed, real_ids=real_ids.tolist(),
-                         data=train.name, size=size, channels=channels)
+    folder = Path(str(gen.pipeline)).expanduser() if gen.pipeline else None
+    # a folder by its absolute path, a hub id as it is spelled (the same id from any working directory)
+    name = None if folder is None else str(folder.resolve()) if folder.exists() else str(gen.pipeline)
+    key = generation_key(mode=mode, pipeline=name, prompts=prompts, multiplier=gen.multiplier, strength=gen.strength,
+                         steps=gen.steps, guidance=gen.guidance, resolution=gen.resolution, seed=seed,
+                         real_ids=real_ids.tolist(), data=train.name, size=size, channels=channels)
     root = Path(cache_dir) / key
     if (root / INDEX).is_file():
         return read_folder(root, train.classes, size, channels)

@@ -39,6 +39,20 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def pass_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The sample indices of batch ``step`` of an endless stream of shuffled passes, int64 (batch_size,): what a
+    shuffled ``DataLoader`` with ``drop_last`` yields when it is re-iterated whenever it runs out. Pass p is
+    :func:`epoch_order` (seed, p) cut into ``n // batch_size`` batches, its rest left out, so no sample repeats
+    within a pass; a batch larger than the data takes whole passes of its own, cut to ``batch_size``. A function of
+    (seed, step) alone: a resumed run draws what an unbroken one would."""
+    per_pass = n // batch_size
+    if per_pass == 0:
+        passes = -(-batch_size // n)
+        return torch.cat([epoch_order(n, seed, step * passes + k, True) for k in range(passes)])[:batch_size]
+    p, b = divmod(step, per_pass)
+    return epoch_order(n, seed, p, True)[b * batch_size:(b + 1) * batch_size]
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
     """Global batches per epoch; a last batch too small to give every rank a sample is dropped."""
     full, rest = divmod(n, batch_size)

@@ -37,6 +37,16 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
 
 
+def mpt_precision(device: torch.device) -> str:
+    """The precision of FADRM's mixed-precision recovery (MPT, Cui et al. 2025): fp16 autocast with a GradScaler on
+    CUDA, as published. On CPU torch runs fp16 autocast, but through slow kernels (a ResNet-18 forward and backward
+    at 28 px, 1 thread: 6.6 s against 0.22 s in fp32, on a Xeon with avx512_fp16), so MPT there is bf16 where the
+    CPU multiplies bf16 natively and fp32 elsewhere (the recipe says which)."""
+    if device.type == "cuda":
+        return "fp16"
+    return resolve_precision("auto", device)
+
+
 def channels_last_pays(device: torch.device, precision: "Precision") -> bool:
     """Whether convolutions should run channels_last: on CPU under bf16 (oneDNN's bf16 kernels; ResNet-18 forward
     + input backward 2.35x NCHW fp32 against 1.63x for NCHW bf16, 64 px, 1 thread); not in fp32 there (0.8-1.0x)."""

@@ -20,3 +20,18 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     out = torch.cat([warm, cos])
     assert out.numel() == total_steps
     return out
+
+
+def cosine_per_epoch(base: float, final: float, epochs: int) -> torch.Tensor:
+    """float64 (epochs,): the FKD validation's cosine, stepped once per epoch (Jiacheng8/FADRM
+    ``validate/train_fkd.py``): ``base (1 + cos(pi e / (E eta))) / 2`` in epoch e of E. Its ``eta`` is given by the
+    value the curve reaches at e = E, ``final``: eta = pi / arccos(2 final / base - 1) (``final = base / 2``: the
+    published eta 2; ``final = 0``: eta 1); ``final >= base`` holds the lr."""
+    if epochs < 1:
+        raise ValueError(f"a schedule needs at least one epoch, got {epochs}")
+    fraction = final / base if base else 1.0
+    if fraction >= 1:
+        return torch.full((epochs,), float(base), dtype=torch.float64)
+    eta = math.pi / math.acos(2 * fraction - 1)
+    e = torch.arange(epochs, dtype=torch.float64)
+    return base * 0.5 * (1 + torch.cos(math.pi * e / (epochs * eta)))

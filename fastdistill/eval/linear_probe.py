@@ -6,7 +6,9 @@ real images per class, (c) all real training images, and tested on the held-out 
 lr ``1e-3 * B / 256`` (B the global batch, never divided by a device count, a defect of the published code),
 cosine schedule per step, batch ``B = min(100, N)``, random-resized-crop + flip on every batch, the final epoch's
 test accuracy (no selection on the test set), ``runs`` seeds -> mean +- std. Real and synthetic images take the
-same path: [0, 1] pixels -> the same crop -> the backbone's own normalisation.
+same path: [0, 1] pixels -> the same crop -> the backbone's own normalisation. Test images: resized whole to the
+probe's size, or with ``test_crop_pct`` (published 0.875) the shorter side to ``size / test_crop_pct`` and the centre
+``size`` crop (Resize 256 + CenterCrop 224), decoded from the files where the split has them.
 
 Every set is a dataset read batch by batch through the loader (features of the test split, the probe's training
 batches): nothing holds a whole split, so the full-data row works on an image folder of any size.
@@ -14,7 +16,7 @@ batches): nothing holds a whole split, so the full-data row works on an image fo
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from omegaconf import DictConfig
 from fastdistill import console
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.loaders import TorchLoader
-from fastdistill.data.transforms import check_crop_scale, to_input, train_augment
+from fastdistill.data.transforms import centre_crop, check_crop_scale, to_input, train_augment
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_schedule
@@ -50,6 +52,10 @@ def check_probe_config(e: DictConfig) -> None:
     if e.max_batch_size < 1 or not e.lr > 0:
         raise ValueError(f"eval.max_batch_size must be >= 1 and eval.lr > 0, got {e.max_batch_size!r}, {e.lr!r}")
     check_crop_scale(e.crop_scale, "eval.crop_scale")
+    crop = e.get("test_crop_pct")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise ValueError(f"eval.test_crop_pct must be in (0, 1] or null, got {crop!r} (0.875: Resize 256 + "
+                         f"CenterCrop 224)")
     parse_backbone_id(e.backbone)
 
 
@@ -76,9 +82,10 @@ def load_evaluator(cfg: DictConfig, classes: list[str], train=None) -> tuple[Bac
 @torch.no_grad()
 def embed_all(backbone: Backbone, dataset: ImageDataset, image_size: tuple[int, int], device: torch.device,
               precision: Precision, batch_size: int = 256, like: tuple[tuple[int, int], int] | None = None,
-              num_workers="auto", progress: bool = False) -> torch.Tensor:
-    """fp32 features (N, D) of every image of ``dataset``, in order, resized to ``image_size`` (no crop), batch by
-    batch through the loader. ``like`` = (size, channels) first brings the images to another set's size and
+              num_workers="auto", progress: bool = False, crop_pct: float | None = None) -> torch.Tensor:
+    """fp32 features (N, D) of every image of ``dataset``, in order, batch by batch through the loader: resized to
+    ``image_size`` (no crop), or with ``crop_pct`` the shorter side resized to ``image_size / crop_pct`` and the
+    centre cropped. ``like`` = (size, channels) first brings the images to another set's size (None: keep it) and
     channels (real images probed next to a synthetic set)."""
     out = []
     loader = TorchLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
@@ -88,11 +95,24 @@ def embed_all(backbone: Backbone, dataset: ImageDataset, image_size: tuple[int, 
             x = x.to(device, non_blocking=True)
             if like is not None:
                 x = to_input(x, *like)
-            x = to_input(x, image_size)
+            x = to_input(x, image_size) if crop_pct is None else centre_crop(to_input(x), image_size, crop_pct)
             with precision.autocast():
                 out.append(backbone.embed(x).float())
             bar.update(task, advance=1)
     return torch.cat(out)
+
+
+def embed_test(backbone: Backbone, test_set: ImageDataset, image_size: tuple[int, int], crop_pct: float | None,
+               like: tuple[tuple[int, int], int], **common) -> torch.Tensor:
+    """fp32 features (N, D) of the test split: resized whole to ``image_size`` after ``like`` (crop_pct None), or
+    with ``crop_pct`` the shorter side resized to ``image_size / crop_pct`` and the centre ``image_size`` crop
+    (published: Resize 256 + CenterCrop 224), decoded from the files where the split has them."""
+    if crop_pct is None:
+        return embed_all(backbone, test_set, image_size, like=like, **common)
+    if test_set.paths is not None:  # one decode from the file, as the published pipeline (cached pixels unused)
+        view = replace(test_set, images=None, image_size=tuple(image_size), crop_pct=float(crop_pct), train_crop=None)
+        return embed_all(backbone, view, image_size, like=(None, like[1]), **common)
+    return embed_all(backbone, test_set, image_size, like=(None, like[1]), crop_pct=float(crop_pct), **common)
 
 
 def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.Tensor, test_labels: torch.Tensor,
@@ -173,7 +193,7 @@ def linear_probe_eval(backbone: Backbone, synthetic: ImageDataset, train_set: Im
     like = (tuple(synthetic.image_size), synthetic.channels)
     pcfg = probe_config(e, like[0], hflip)
     common = {"device": device, "precision": precision, "num_workers": num_workers, "progress": progress}
-    test_feats = embed_all(backbone, test_set, pcfg.image_size, like=like, **common)
+    test_feats = embed_test(backbone, test_set, pcfg.image_size, e.get("test_crop_pct"), like, **common)
     num_classes = test_set.num_classes
     ipc = max(1, len(synthetic) // num_classes)
     out = {"backbone": backbone.spec.name}

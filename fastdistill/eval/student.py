@@ -1,11 +1,15 @@
 """Soft-label student training: how a distilled set is judged (SRe2L, RDED, FADRM evaluation).
 
 A student of any architecture trains from scratch on the distilled images; every batch is augmented
-(random-resized-crop, flip where allowed) and relabelled online by the frozen teacher(s): the loss is
-``KL(softmax(t / T) || softmax(s / T))`` with the teachers' logits averaged (FADRM+), no ``T^2`` factor as in
-the published validation. Nothing is written per epoch (the published FKD label files reach ~30 GB at
-ImageNet-1k IPC 50). The reported accuracy is the FINAL epoch's, never the best over test evaluations; a caller
-that selects a best epoch passes a validation split carved from the training data (``data/splits.py``).
+(random-resized-crop, flip where allowed, optionally CutMix) and relabelled online by the frozen teacher(s): the
+loss is ``KL(softmax(t / T) || softmax(s / T))`` with the teachers' logits averaged (FADRM+), no ``T^2`` factor as
+in the published validation. The published pipeline's switches (Jiacheng8/FADRM ``relabel/``, ``validate/``):
+``teacher_bn="half_batch"`` (teachers in train mode over each half of the batch), ``cutmix`` (the teachers label
+the mixed images), ``accumulation_steps`` (a batch of 16 as 2 x 8), ``lr_schedule="epoch"`` (the cosine with eta,
+stepped per epoch); weight decay is on weights only, as published. Nothing is written per epoch (the published FKD
+label files reach ~30 GB at ImageNet-1k IPC 50). The reported accuracy is the FINAL epoch's, never the best over
+test evaluations; a caller that selects a best epoch passes a validation split carved from the training data
+(``data/splits.py``).
 
 ``relabel=store`` instead relabels ahead of training (FKD style, :func:`store_soft_labels`): the crops of every
 epoch are replayed from the student's seed and their teacher logits stored in a compact format (fp16, top-k,
@@ -17,11 +21,14 @@ mean. The learning rate is defined for the global batch and never divided by the
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +38,9 @@ from fastdistill.data.loaders import TorchLoader
 from fastdistill.data.soft_labels import SoftLabelShards, SoftLabelWriter
 from fastdistill.data.transforms import to_input, train_augment
 from fastdistill.engine import distributed as dist
+from fastdistill.engine.optim import param_groups
 from fastdistill.engine.precision import Precision
-from fastdistill.engine.schedules import cosine_schedule
+from fastdistill.engine.schedules import cosine_per_epoch, cosine_schedule
 from fastdistill.eval.classify import accuracy
 from fastdistill.models import Backbone, create_backbone
 
@@ -49,16 +57,110 @@ class StudentConfig:
     hflip: bool = True
     augment: bool = True  # random-resized-crop + flip; False trains on the images as stored (DD-Ranking's ARS)
     targets: str = "soft"  # soft: the teachers' soft labels (online or stored); hard: CE on the set's labels
+    accumulation_steps: int = 1  # micro-batches per batch: BN sees batch_size / steps images, the step the batch mean
+    cutmix: float = 0.0  # Beta(a, a) CutMix of every augmented batch, labelled by the teachers after mixing; 0 = off
+    teacher_bn: str = "running"  # running: teachers in eval mode | half_batch: BN over each half of the batch
+    lr_schedule: str = "step"  # step: cosine per step to lr * final | epoch: the published per-epoch cosine with eta
+
+    @classmethod
+    def from_eval(cls, e, hflip: bool, **overrides) -> "StudentConfig":
+        """A ``method.eval`` section (keys a saved run's config may predate take their defaults here)."""
+        keys = {f: e.get(f) for f in cls.__dataclass_fields__ if e.get(f) is not None}
+        if "crop_scale" in keys:
+            keys["crop_scale"] = tuple(keys["crop_scale"])
+        return cls(**{**keys, "hflip": hflip, **overrides})
 
 
 TARGETS = ("soft", "hard")
+TEACHER_BN = ("running", "half_batch")
+LR_SCHEDULES = ("step", "epoch")
+
+
+def check_student_config(cfg: StudentConfig) -> None:
+    """One line for a choice the trainer does not know or a batch the micro-batches do not divide."""
+    for name, value, choices in (("targets", cfg.targets, TARGETS), ("teacher_bn", cfg.teacher_bn, TEACHER_BN),
+                                 ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
+        if value not in choices:
+            raise ValueError(f"student {name} must be one of {', '.join(choices)}, got {value!r}")
+    steps = cfg.accumulation_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or cfg.batch_size % steps:
+        raise ValueError(f"student accumulation_steps must be an integer >= 1 dividing batch_size {cfg.batch_size}, "
+                         f"got {steps!r}")
+    if cfg.cutmix < 0:
+        raise ValueError(f"student cutmix must be >= 0 (the Beta parameter; 0 = off), got {cfg.cutmix!r}")
+    if cfg.cutmix > 0 and cfg.targets == "hard":
+        raise ValueError("student cutmix needs soft targets: the teachers label the mixed images")
+
+
+@contextlib.contextmanager
+def batch_statistics(net: torch.nn.Module):
+    """BN layers of ``net`` normalise with the statistics of the batch they see (train mode) inside the block; their
+    mode and running statistics are restored on exit (a frozen teacher stays as it was)."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, {k: v.clone() for k, v in m.named_buffers()}) for m in bns]
+    for m in bns:
+        m.train()
+    try:
+        yield net
+    finally:
+        with torch.no_grad():
+            for m, (training, buffers) in zip(bns, saved):
+                m.train(training)
+                for k, v in m.named_buffers():
+                    v.copy_(buffers[k])
 
 
 @torch.no_grad()
-def teacher_logits(teachers: list[Backbone], x: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Mean logits of the teachers (FADRM+ relabelling averages the ensemble's logits), fp32."""
-    with precision.autocast():
-        return torch.stack([t(x).float() for t in teachers]).mean(0)
+def teacher_logits(teachers: list[Backbone], x: torch.Tensor, precision: Precision,
+                   bn: str = "running") -> torch.Tensor:
+    """Mean logits of the teachers (FADRM+ relabelling averages the ensemble's logits), fp32.
+
+    ``bn="half_batch"``: every BN layer normalises each half of ``x`` with that half's statistics, as the published
+    relabelling runs its teachers in train mode on the two halves of each batch (BSSL, Jiacheng8/FADRM
+    ``relabel/relabel.py``); the running statistics are left as they are. A batch of fewer than 4 images is one
+    group, and a single image uses the running statistics."""
+    if bn == "running" or len(x) < 2:
+        with precision.autocast():
+            return torch.stack([t(x).float() for t in teachers]).mean(0)
+    half = len(x) // 2
+    groups = [x[:half], x[half:]] if len(x) >= 4 else [x]
+    out = []
+    for t in teachers:
+        with precision.autocast(), batch_statistics(t):
+            out.append(torch.cat([t(g).float() for g in groups]))
+    return torch.stack(out).mean(0)
+
+
+def cutmix(x: torch.Tensor, alpha: float, g: torch.Generator) -> torch.Tensor:
+    """CutMix of a batch (Yun et al. 2019) as the published FKD relabelling draws it (Jiacheng8/FADRM
+    ``relabel/utils_fkd.py``): one ratio lam ~ Beta(alpha, alpha) and one box for the whole batch, each image taking
+    the box from the image a random permutation pairs it with. The box side is int(side sqrt(1 - lam)), halved about
+    a uniform pixel centre and clipped to the image. No label mixing: the teachers label the mixed images."""
+    n, _, height, width = x.shape
+    lam = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g))).beta(alpha, alpha)
+    perm = torch.randperm(n, generator=g)
+    cut = math.sqrt(1.0 - lam)
+    centre = torch.randint(0, height, (1,), generator=g).item(), torch.randint(0, width, (1,), generator=g).item()
+    (r1, r2), (c1, c2) = [(min(max(c - int(side * cut) // 2, 0), side), min(max(c + int(side * cut) // 2, 0), side))
+                          for c, side in zip(centre, (height, width))]
+    x = x.clone()
+    x[:, :, r1:r2, c1:c2] = x[perm.to(x.device), :, r1:r2, c1:c2]
+    return x
+
+
+def student_optimizer(student: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the multi-dimensional weights only (convolutions, linear layers), none on biases
+    and norm gains, as the published validation groups them (Jiacheng8/FADRM ``validate/utils_validate.py``)."""
+    return torch.optim.AdamW(param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_per_step(cfg: StudentConfig, per_epoch: int) -> torch.Tensor:
+    """float64 (epochs * per_epoch,): ``step``, a cosine per step from lr to lr * final_lr_fraction; ``epoch``, the
+    published cosine stepped once per epoch (:func:`~fastdistill.engine.schedules.cosine_per_epoch`)."""
+    final = cfg.lr * cfg.final_lr_fraction
+    if cfg.lr_schedule == "epoch":
+        return cosine_per_epoch(cfg.lr, final, cfg.epochs).repeat_interleave(per_epoch)
+    return cosine_schedule(cfg.lr, final, cfg.epochs * per_epoch)
 
 
 def _batches(loader: TorchLoader, image_size: tuple[int, int], cfg: StudentConfig, g: torch.Generator,
@@ -73,6 +175,8 @@ def _batches(loader: TorchLoader, image_size: tuple[int, int], cfg: StudentConfi
         x = to_input(x.to(device, non_blocking=True), image_size, x.shape[1])
         if cfg.augment:
             x = train_augment(x, image_size, cfg.crop_scale, cfg.hflip, generator=g)
+            if cfg.cutmix > 0:
+                x = cutmix(x, cfg.cutmix, g)
         yield x, y
 
 
@@ -93,7 +197,7 @@ def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: lis
                          rows_per_shard=max(1, len(train_set))) as writer:  # one shard per epoch
         for epoch in range(cfg.epochs):
             for x, _ in _batches(loader, image_size, cfg, g, device, epoch):
-                writer.add(teacher_logits(teachers, x, precision))
+                writer.add(teacher_logits(teachers, x, precision, cfg.teacher_bn))
     files = sum(f.stat().st_size for f in folder.glob("shard_*.safetensors"))
     n = max(len(train_set), 1)
     return {"format": fmt, "rows": writer.rows, "payload_bytes": writer.payload_bytes,
@@ -113,6 +217,17 @@ def _stored_targets(folder: str | Path, sizes: list[int]):
     return iter(torch.utils.data.DataLoader(shards, batch_sampler=batches))
 
 
+def _student_loss(logits: torch.Tensor, target: torch.Tensor, cfg: StudentConfig, stored: bool) -> torch.Tensor:
+    """The summed loss of a micro-batch: CE on hard labels, or KL(teacher || student) at temperature T without the
+    T^2 factor (published) against stored probabilities or online log-probabilities."""
+    if cfg.targets == "hard":
+        return F.cross_entropy(logits.float(), target, reduction="sum")
+    log_p = F.log_softmax(logits.float() / cfg.temperature, 1)
+    if stored:
+        return F.kl_div(log_p, target, reduction="sum")
+    return F.kl_div(log_p, target, reduction="sum", log_target=True)
+
+
 def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], test_set: ImageDataset | None,
                   image_size: tuple[int, int], cfg: StudentConfig, device: torch.device, precision: Precision,
                   seed: int, model_kwargs: dict | None = None, num_workers="auto", progress: bool = False,
@@ -130,21 +245,22 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     reported, never the best over test evaluations. ``log``: the run's metric history (``RunDir.log``), which gets
     each epoch's loss and learning rate, the validation checks and the test accuracy under ``phase``.
     """
-    if cfg.targets not in TARGETS:
-        raise ValueError(f"student targets must be one of {', '.join(TARGETS)}, got {cfg.targets!r}")
+    check_student_config(cfg)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     classes = num_classes or (test_set.num_classes if test_set is not None else len(train_set.classes))
     student = create_backbone(arch, num_classes=classes, **(model_kwargs or {})).to(device).train()
     net = dist.wrap_ddp(student, device)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = student_optimizer(student, cfg)
     world = dist.world_size()
     if cfg.batch_size < world:
         raise ValueError(f"student batch size {cfg.batch_size} is smaller than the {world} processes")
     loader = TorchLoader(train_set, cfg.batch_size, shuffle=False, num_workers=num_workers)
     n = len(train_set)
     per_epoch = steps_per_epoch(n, cfg.batch_size)
-    lr = cosine_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, cfg.epochs * per_epoch)
+    lr = lr_per_step(cfg, per_epoch)
+    # micro-batches of the published gradient accumulation (a loader batch of 16 as 2 x 8): BN sees each on its own
+    micro = max(1, cfg.batch_size // (cfg.accumulation_steps * world))
     t = cfg.temperature
     stored = None
     if stored_labels is not None:
@@ -157,26 +273,31 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
             epoch_loss = torch.zeros((), device=device)
             for x, y in _batches(loader, image_size, cfg, g, device, epoch):
                 batch, part = len(x), dist.shard(len(x))
+                if cfg.targets == "hard":
+                    target = y[part.start:part.stop].to(device)
+                elif stored is not None:
+                    target = next(stored)[part.start:part.stop].to(device)
+                else:  # online: BN over halves of the global batch gives every rank the labels of one process
+                    half = cfg.teacher_bn == "half_batch"
+                    soft = teacher_logits(teachers, x if half else x[part.start:part.stop], precision, cfg.teacher_bn)
+                    target = F.log_softmax((soft[part.start:part.stop] if half else soft) / t, 1)
                 x = x[part.start:part.stop]
                 for group in opt.param_groups:
                     group["lr"] = float(lr[step])
-                with precision.autocast():
-                    logits = net(x)
-                log_p = F.log_softmax(logits.float() / t, 1)
-                # this rank's sum over the global batch size, times the ranks DDP averages over: the batch mean
-                if cfg.targets == "hard":
-                    loss = F.cross_entropy(logits.float(), y[part.start:part.stop].to(device), reduction="sum")
-                elif stored is not None:
-                    probs = next(stored)[part.start:part.stop].to(device)
-                    loss = F.kl_div(log_p, probs, reduction="sum")
-                else:
-                    soft = teacher_logits(teachers, x, precision)
-                    loss = F.kl_div(log_p, F.log_softmax(soft / t, 1), reduction="sum", log_target=True)
-                loss = loss * (world / batch)
                 opt.zero_grad(set_to_none=True)
-                precision.backward(loss)
+                starts = range(0, len(x), micro)
+                for i in starts:
+                    last = i == starts[-1]
+                    # DDP reduces the gradients once, after the last micro-batch
+                    with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                        with precision.autocast():
+                            logits = net(x[i:i + micro])
+                        # this rank's sum over the global batch size, times the ranks DDP averages over: the
+                        # micro-batches add up to the batch mean
+                        loss = _student_loss(logits, target[i:i + micro], cfg, stored is not None) * (world / batch)
+                        precision.backward(loss)
+                    epoch_loss += loss.detach()
                 precision.step(opt)
-                epoch_loss += loss.detach()
                 step += 1
                 bar.update(task, advance=1)
             dist.all_reduce(epoch_loss, "mean")

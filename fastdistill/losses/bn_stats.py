@@ -8,6 +8,12 @@ BN-statistics term of SRe2L (Yin et al. 2023), whose forward hook FADRM keeps un
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast) promoted to fp32; float64 stays float64, so a float64 check compares at 1e-12."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_bn_input(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
@@ -33,20 +39,43 @@ def bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torc
     taken as 0 (torch's subgradient), so a perfectly matched term contributes nothing instead of NaN.
 
     Args:
-        x: (N, C, H, W) or (N, C) input of a BN layer, any float dtype and layout; the math runs in fp32.
+        x: (N, C, H, W) or (N, C) input of a BN layer, any float dtype and layout; the math runs in fp32
+            (float64 for float64 inputs).
         running_mean: (C,) the layer's running mean.
         running_var: (C,) the layer's running (biased-update) variance.
 
     Returns:
-        Scalar fp32 tensor, differentiable with respect to ``x``.
+        Scalar fp32 tensor (float64 for float64 inputs), differentiable with respect to ``x``.
 
     Raises:
         ValueError: ``x`` is not 2-D or 4-D, its channel count differs from the running statistics, or it is empty.
     """
     _check_bn_input(x, running_mean, running_var)
     dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-    return torch.linalg.vector_norm(var - running_var.float()) + torch.linalg.vector_norm(mean - running_mean.float())
+    x = _at_least_fp32(x)
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    return torch.linalg.vector_norm(var - running_var.to(x.dtype)) + \
+        torch.linalg.vector_norm(mean - running_mean.to(x.dtype))
+
+
+def recovery_loss(logits: torch.Tensor, targets: torch.Tensor, bn_loss: torch.Tensor, r_bn: float) -> torch.Tensor:
+    r"""The SRe2L / FADRM recovery objective on one augmented batch: :math:`\mathrm{CE}(z, y) + r_{bn} L_{bn}`.
+
+    ``L_bn`` is the weighted sum :math:`\sum_l m_l \, \mathrm{bn\_stats\_loss}_l` over the teacher's BN layers
+    (``models.taps.BNStatsTap.loss``); the published code adds ``args.r_bn * loss_BN + loss_ce``
+    (Jiacheng8/FADRM ``recover/recover.py``), the CE being the batch mean.
+
+    Args:
+        logits: (N, C) teacher logits, any float dtype; fp16/bf16 (autocast) are promoted to fp32, float64 kept.
+        targets: int64 (N,) class indices.
+        bn_loss: scalar BN-statistics term (fp32, or float64 in checks).
+        r_bn: its weight.
+
+    Returns:
+        Scalar in the promoted dtype of the logits and the BN term.
+    """
+    ce = F.cross_entropy(_at_least_fp32(logits), targets)
+    return ce + r_bn * bn_loss
 
 
 def arc_update(

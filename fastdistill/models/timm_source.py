@@ -1,4 +1,7 @@
-"""``timm:<arch>[.<tag>]`` backbones (ViT, ResNet, ConvNeXt, EfficientNet, ...; DINO/DINOv2/MAE/CLIP tags)."""
+"""``timm:<arch>[.<tag>]`` backbones (ViT, ResNet, ConvNeXt, EfficientNet, ...; DINO/DINOv2/MAE/CLIP tags).
+
+Besides timm's own kwargs a ResNet takes ``cifar_stem=True``: the 3x3 stride-1 stem without max-pool of the published
+small-image ResNets (:func:`cifar_stem`)."""
 from __future__ import annotations
 
 import sys
@@ -46,6 +49,34 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def is_timm_resnet(backbone_id: str) -> bool:
+    """Whether ``timm:<arch>[.<tag>]`` is one of timm's ``ResNet`` class (resnet18/50/101, the -d variants, ResNeXt,
+    SE-ResNet ...): the networks :func:`cifar_stem` applies to. Read from the registry, nothing is built."""
+    from timm.models import is_model, model_entrypoint
+
+    source, _, name = str(backbone_id).partition(":")
+    arch = name.split(".")[0]
+    return source == "timm" and is_model(arch) and model_entrypoint(arch).__module__ == "timm.models.resnet"
+
+
+def cifar_stem(model: nn.Module, name: str) -> None:
+    """Give a timm ResNet the CIFAR stem in place: a 3x3 stride-1 first convolution and no max-pool, the
+    ResNet-18/50/101 the published small-image pipelines train at 32 and 64 px (Jiacheng8/FADRM ``models/resnet.py``,
+    LINs-lab/RDED ``resnet18_modified``). The ImageNet stem (7x7 stride 2, then a stride-2 max-pool) leaves a 28-px
+    digit a 7x7 map before the first block. The new convolution gets timm's ResNet initialisation."""
+    from timm.models.resnet import ResNet
+
+    if not isinstance(model, ResNet):
+        raise ValueError(f"cifar_stem=True: timm:{name} is not a timm ResNet (resnet18, resnet50, resnet101, ...); "
+                         f"other families keep their own stem")
+    first = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[0]  # deep stems: a Sequential
+    conv = nn.Conv2d(first.in_channels, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1, model.maxpool = conv, nn.Identity()
+    for info in model.feature_info:  # the stem no longer halves, the pool no longer halves again
+        info["reduction"] = 1 if info["module"] == "act1" else max(1, info["reduction"] // 4)
+
+
 @register_source("timm")
 def create_timm(name: str, pretrained: str | None = "none", **kwargs) -> Backbone:
     import timm
@@ -60,6 +91,10 @@ def create_timm(name: str, pretrained: str | None = "none", **kwargs) -> Backbon
             raise ValueError(f"packaged weights {pretrained!r} fit timm:{packaged.arch}, not timm:{name}")
         kwargs = {**packaged.model_kwargs, **kwargs}
     kwargs.setdefault("num_classes", 0)
+    stem = bool(kwargs.pop("cifar_stem", False))
+    if stem and kind == "hub":
+        raise ValueError(f"timm:{name}: hub weights carry the ImageNet stem; cifar_stem=True takes pretrained=none or "
+                         f"a weights file saved with the CIFAR stem")
     try:
         model = timm.create_model(name, pretrained=kind == "hub", **kwargs)
     except (RuntimeError, OSError) as e:
@@ -67,6 +102,8 @@ def create_timm(name: str, pretrained: str | None = "none", **kwargs) -> Backbon
             raise RuntimeError(f"cannot fetch hub weights for timm:{name} ({type(e).__name__}: {e}); offline runs "
                                f"use pretrained=/path/to/weights") from None
         raise
+    if stem:
+        cifar_stem(model, name)
     if kind in ("file", "packaged"):
         path = packaged.path() if packaged else pretrained
         filters = [_timm_filter]

@@ -11,8 +11,9 @@ flip per iteration for the whole batch plus a random roll, pixels clipped after 
 - MRO: the budget is split into stages of alternating resolution (``stage_sizes``).
 - ARC: after every stage but the last, ``x <- a x + (1 - a) Resample(P_s, next size)`` with P_s the real
   patches the images started from; the last stage recovers without the residual.
-- MPT: ``precision=fp16`` (GPU) runs the teacher, logits and CE under autocast with a GradScaler; the BN
-  statistics, their norms, the pixels and Adam's state stay fp32.
+- MPT (``method.mpt``): the recovery's forward under fp16 autocast with a GradScaler (CUDA; bf16 or fp32 on CPU,
+  ``engine.precision.mpt_precision``); the CE, the BN statistics and their norms, the pixels and Adam's state stay
+  fp32. Selection, relabelling and students keep ``precision`` (fp32 as published).
 - FADRM+: several teachers, one per iteration in round-robin; relabelling averages their logits.
 The set lives on disk, never whole in memory: every finished batch is written into ``distilled/<class>/<k>.png``
 (each file atomic; with ``relabel=store`` its soft labels into ``labels/<batch>.safetensors``), and a batch's
@@ -31,6 +32,7 @@ Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +43,68 @@ from fastdistill.artifacts import RunDir, read_distilled, to_uint8
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import apply_windows, crop_windows, random_resized_crop, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
-from fastdistill.engine.precision import channels_last_pays
+from fastdistill.engine.precision import channels_last_pays, mpt_precision
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.data.soft_labels import parse_format
 from fastdistill.eval.ddranking import check_ddranking_config, ddranking_eval, print_result
-from fastdistill.eval.student import StudentConfig, store_soft_labels, teacher_logits, train_student
+from fastdistill.eval.student import (StudentConfig, check_student_config, store_soft_labels, teacher_logits,
+                                      train_student)
 from fastdistill.kernels.bn_stats import arc_update
+from fastdistill.losses.bn_stats import recovery_loss
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
+from fastdistill.models.timm_source import is_timm_resnet
 from fastdistill.profiling import Profiler
 from fastdistill.recipes import get_recipe
 from fastdistill.teachers import calibrate_bn, frozen_backbone
 
 VARIANTS = ("fadrm", "sre2l", "rded")
+DIFFICULTIES = ("easy", "medium")
+STITCHINGS = ("consecutive", "strided")
+SCORINGS = ("image", "patch")
+
+
+def rank_candidates(ce: torch.Tensor, need: int, difficulty: str) -> torch.Tensor:
+    """The ``need`` kept candidates of a class, in rank order, from their best crop's cross-entropy ``ce`` (n,).
+
+    ``easy``: the lowest cross-entropy first (RDED, LINs-lab/RDED ``synthesize/utils.py`` ``selector``). ``medium``:
+    the candidates around the median score, alternately one above and one below it, starting at index ceil(n / 2) of
+    the candidates sorted hardest first (the 'medium' selection of VILA-Lab/DELT ``data_selection.py``, which FADRM's
+    scripts name with ``--patch-diff medium``; the code that makes FADRM's patch files is not published)."""
+    if difficulty == "easy":
+        return ce.argsort(stable=True)[:need]
+    hardest_first = ce.argsort(descending=True, stable=True)
+    mid, picked, step = math.ceil(len(ce) / 2), [], 0
+    while len(picked) < min(need, len(ce)):
+        offset = (step + 1) // 2 * (1 if step % 2 else -1)  # 0, +1, -1, +2, -2, ...
+        if 0 <= mid + offset < len(ce):
+            picked.append(mid + offset)
+        step += 1
+    return hardest_first[torch.tensor(picked, dtype=torch.long)]
+
+
+def patch_ranks(k: int, factor: int, ipc: int, stitching: str) -> list[int]:
+    """The ranks of the ``factor x factor`` patches of a class's image ``k``, in row-major grid order: ``consecutive``
+    ranks k f^2 .. k f^2 + f^2 - 1 (the best patches share the first image); ``strided`` rank r into image r mod ipc
+    at grid cell r // ipc, as RDED's ``mix_images`` stitches (LINs-lab/RDED ``synthesize/utils.py``)."""
+    if stitching == "strided":
+        return [j * ipc + k for j in range(factor * factor)]
+    return [k * factor * factor + j for j in range(factor * factor)]
+
+
+def stage_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
+    """One MRO stage's (H, W): ``null`` the full ``image_size``; a float in (0, 1] that fraction of it (so a preset
+    tuned at one resolution keeps its stage ratios at another); an int > 1 that many px, square (as published)."""
+    if size is None:
+        return tuple(image_size)
+    if isinstance(size, float) and 0 < size <= 1:
+        return tuple(max(1, round(size * n)) for n in image_size)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 1:
+        return size, size
+    raise ValueError(f"method.stage_sizes entry {size!r} must be null, a fraction of data.image_size in (0, 1] "
+                     f"(a float: 1.0 is the full size) or a size in px > 1 (an int)")
 
 
 class FADRMRecipe:
@@ -63,6 +112,10 @@ class FADRMRecipe:
         m = cfg.method
         if m.variant not in VARIANTS:
             raise ValueError(f"unknown method.variant {m.variant!r}; expected one of {', '.join(VARIANTS)}")
+        for key, choices in (("patch_difficulty", DIFFICULTIES), ("stitching", STITCHINGS),
+                             ("candidate_scoring", SCORINGS)):
+            if m[key] not in choices:
+                raise ValueError(f"method.{key} must be one of {', '.join(choices)}, got {m[key]!r}")
         if m.init not in ("patches", "noise"):
             raise ValueError(f"method.init must be patches or noise, got {m.init!r}")
         if m.relabel not in ("online", "store"):
@@ -71,6 +124,8 @@ class FADRMRecipe:
         self.ddranking = cfg.get("eval") is not None and cfg.eval.get("name") == "ddranking"
         if self.ddranking:
             check_ddranking_config(cfg.eval)
+        if m.cifar_stem not in (True, False, "auto"):
+            raise ValueError(f"method.cifar_stem must be auto, true or false, got {m.cifar_stem!r}")
         if not m.teachers:
             raise ValueError("method.teachers is empty; name at least one BN teacher, e.g. [timm:resnet18]")
         if isinstance(m.teacher_calibration, bool) or not isinstance(m.teacher_calibration, int) \
@@ -79,6 +134,8 @@ class FADRMRecipe:
                              f"{m.teacher_calibration!r}")
         if not m.stage_sizes:
             raise ValueError("method.stage_sizes needs at least one stage")
+        for size in m.stage_sizes:
+            stage_size(size, (64, 64))  # one line for a stage that is neither px, a fraction nor null
         if not 0.0 <= m.residual_alpha <= 1.0:
             raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
         if m.patches_per_side < 1 or m.stage_iterations < 0:
@@ -98,6 +155,12 @@ class FADRMRecipe:
         self.optimize = m.variant != "rded"
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.precision, self.device)
+        # MPT: the recovery's own precision (students, selection and relabelling keep cfg.precision, as published)
+        self.mpt = mpt_precision(self.device) if m.mpt else self.precision.name
+        if m.mpt and self.mpt != "fp16" and dist.is_main():
+            console.note(f"method.mpt on {self.device.type}: fp16 autocast is published for CUDA and runs through slow "
+                         f"kernels here; the recovery runs under {self.mpt} instead")
+        check_student_config(self.student_config())  # before any recovery
         self.out = RunDir(cfg.out)
         self.label_stats, self.ddranking_result = {}, None  # filled by evaluate
 
@@ -131,7 +194,7 @@ class FADRMRecipe:
         cfg, m = self.cfg, self.cfg.method
         self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
         self.teachers = [t.to(self.device) for t in teachers]
-        if channels_last_pays(self.device, self.precision):
+        if channels_last_pays(self.device, Precision(self.mpt, self.device)):
             self.teachers = [t.to(memory_format=torch.channels_last) for t in self.teachers]
         self.taps = [BNStatsTap(t, m.first_bn_multiplier, backend=cfg.kernels) for t in self.teachers]
         # the pixels are optimised in the first teacher's normalised space, where lr 0.25 was published
@@ -142,7 +205,7 @@ class FADRMRecipe:
         self.mean = mean.view(1, -1, 1, 1).to(self.device)
         self.std = std.view(1, -1, 1, 1).to(self.device)
         self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
-        self.sizes = [self.image_size if s is None else (int(s), int(s)) for s in m.stage_sizes]
+        self.sizes = [stage_size(s, self.image_size) for s in m.stage_sizes]
         if m.variant == "sre2l":  # SRe2L: one resolution
             self.sizes = [self.image_size] * len(self.sizes)
         self.n_images = num_classes * cfg.ipc
@@ -162,8 +225,10 @@ class FADRMRecipe:
         published numbers fail to reproduce."""
         m = self.cfg.method
         weights = [m.teacher_weights] * len(m.teachers) if isinstance(m.teacher_weights, str) else list(m.teacher_weights)
+        size = tuple(self.train_set.image_size)
         loaded = [frozen_backbone(name, w, self.cfg, m.teacher_preset, self.classes, train=get_recipe("teacher").main,
-                                  num_classes=self.num_classes) for name, w in zip(m.teachers, weights)]
+                                  model_kwargs=self.stem_kwargs(name, size, w), num_classes=self.num_classes)
+                  for name, w in zip(m.teachers, weights)]
         if m.teacher_calibration:  # benchmarks: random weights, BN statistics measured on real batches
             for k, (net, card) in enumerate(loaded):
                 calibrate_bn(net.to(self.device), self.train_set, int(m.teacher_calibration),
@@ -171,6 +236,15 @@ class FADRMRecipe:
                              self.cfg.seed + k)
                 card["bn_calibration_batches"] = int(m.teacher_calibration)
         return [net for net, _ in loaded], [card for _, card in loaded]
+
+    def stem_kwargs(self, arch: str, image_size: tuple[int, int], weights: str = "none") -> dict:
+        """``{"cifar_stem": True}`` where ``method.cifar_stem`` gives ``arch`` the CIFAR stem, else ``{}``. ``auto``:
+        ResNets at images of at most 64 px, as the published pipelines pick their ResNets (Jiacheng8/FADRM
+        ``validate/train_fkd.py``), except teachers with hub weights (ImageNet stems); ``true``: every ResNet;
+        other families keep their stems."""
+        mode = self.cfg.method.cifar_stem
+        on = mode is True or (mode == "auto" and max(image_size) <= 64 and weights in ("trained", "none"))
+        return {"cifar_stem": True} if on and is_timm_resnet(arch) else {}
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -185,22 +259,41 @@ class FADRMRecipe:
         return torch.cat([self.class_patches(c, [k]) for c in classes])
 
     def class_patches(self, c: int, ks: list[int]) -> torch.Tensor:
-        """The patches of class ``c`` for ipc indices ``ks`` from their recorded sources and crop windows."""
-        f = self.cfg.method.patches_per_side
+        """The patches of class ``c`` for ipc indices ``ks`` from their recorded sources and crop windows, stitched
+        ``factor x factor`` per image in the order of ``method.stitching`` (:func:`patch_ranks`)."""
+        m, f = self.cfg.method, self.cfg.method.patches_per_side
         h, w = self.image_size
-        rows = torch.tensor([k * f * f + j for k in ks for j in range(f * f)])
+        rows = torch.tensor([r for k in ks for r in patch_ranks(k, f, self.cfg.ipc, m.stitching)])
         sel = self.selection[c]
-        src = sel["sources"][rows]
-        real = to_input(self.train_set.take(src).to(self.device), self.image_size, self.channels)
-        best = apply_windows(real, sel["theta"][rows], (h, w))
+        real = to_input(self.train_set.take(sel["sources"][rows]).to(self.device), self.image_size, self.channels)
+        best = self.patch_pixels(real, sel["theta"][rows])
         if f > 1:
-            ph, pw = h // f, w // f
+            ph, pw = best.shape[-2:]
             n = len(ks)
-            best = F.interpolate(best, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
-            best = best.view(n, f, f, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+            best = best.view(n, f, f, self.channels, ph, pw).permute(0, 3, 1, 4, 2, 5)  # row-major grid
             best = F.interpolate(best.reshape(n, self.channels, f * ph, f * pw), size=(h, w),
                                  mode="bilinear", align_corners=False)
         return best
+
+    def patch_pixels(self, real: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The windows ``theta`` of the [0, 1] images ``real`` as patches: at the full size, then (factor > 1)
+        downsampled with antialiasing to the patch size (image // factor), as RDED's crop resizes straight to it."""
+        f, (h, w) = self.cfg.method.patches_per_side, self.image_size
+        crops = apply_windows(real, theta, (h, w))
+        if f == 1:
+            return crops
+        return F.interpolate(crops, size=(h // f, w // f), mode="bilinear", antialias=True, align_corners=False)
+
+    def scored_pixels(self, real: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """What the teachers score for each candidate crop: the crop at the full size (``candidate_scoring:
+        image``), or its patch (:meth:`patch_pixels`) centred on the full size with the normalisation mean around
+        it (``patch``: RDED pads the normalised patch with zeros, LINs-lab/RDED ``synthesize/utils.py``)."""
+        if self.cfg.method.candidate_scoring == "image":
+            return apply_windows(real, theta, self.image_size)
+        patch = self.patch_pixels(real, theta)
+        (h, w), (ph, pw) = self.image_size, patch.shape[-2:]
+        top, left = (h - ph) // 2, (w - pw) // 2
+        return F.pad(patch - self.mean, (left, w - pw - left, top, h - ph - top)) + self.mean
 
     def check_candidates(self) -> None:
         """One line, before any work, when a class has fewer candidate images than its patches need."""
@@ -215,11 +308,13 @@ class FADRMRecipe:
     @torch.no_grad()
     def select_patches(self) -> list[dict]:
         """RDED-style selection (Sun et al. 2024): for every class, ``crops_per_image`` random-resized crops of
-        each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy (lower = more
-        typical); each image keeps its best crop, the best ``ipc * factor^2`` images are kept and stitched
-        ``factor x factor`` per synthetic image. One crop per source image keeps the set diverse: ranking all
-        crops together fills it with near-copies of the few easiest images. The published FADRM ships these
-        images pre-made; this selection is fastdistill's own.
+        each of ``candidates_per_class`` real images are scored by the teachers' cross-entropy
+        (``candidate_scoring``: the crop at full size, or as RDED, resized to its patch size and padded); each image
+        keeps its best crop (lowest CE), ``ipc * factor^2`` images are kept by ``patch_difficulty`` (the easiest,
+        or those around the median) and stitched ``factor x factor`` per synthetic image in the order of
+        ``stitching``. One crop per source image keeps the set diverse: ranking all crops together fills it with
+        near-copies of the few easiest images. The published FADRM ships these images pre-made (``--patch-diff
+        medium``); this selection follows RDED's code with DELT's 'medium' ranking.
 
         Only the candidates of one class are decoded at a time, and a class's result is kept as source indices
         and crop windows (a few numbers per patch), from which :meth:`class_patches` rebuilds the pixels batch by
@@ -235,7 +330,7 @@ class FADRMRecipe:
             idx = idx[torch.randperm(idx.numel(), generator=g)[:m.candidates_per_class]]
             plan.append((idx, g.get_state()))
             for _ in range(m.crops_per_image):
-                crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+                crop_windows(idx.numel(), self.image_size, tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
         mine = {}
         with console.progress(self.cfg.progress) as bar:
             todo = list(dist.shard(self.num_classes))
@@ -253,18 +348,19 @@ class FADRMRecipe:
         g = torch.Generator().manual_seed(0)
         g.set_state(state)
         real = to_input(self.train_set.take(idx).to(self.device), self.image_size, self.channels)
-        thetas = torch.stack([crop_windows(idx.numel(), tuple(m.candidate_scale), tuple(m.candidate_ratio), g)
+        thetas = torch.stack([crop_windows(idx.numel(), self.image_size, tuple(m.candidate_scale),
+                                           tuple(m.candidate_ratio), g)
                               for _ in range(m.crops_per_image)], 1)  # (images, crops, 2, 3)
         n, per = idx.numel(), m.crops_per_image
         flat = thetas.flatten(0, 1)  # row i * per + j: crop j of candidate i
         ce = []
         for start in range(0, n * per, 256):  # 256 crops alive at a time, not all of the class's
             rows = torch.arange(start, min(start + 256, n * per))
-            crops = apply_windows(real[rows // per], flat[rows], self.image_size)
+            crops = self.scored_pixels(real[rows // per], flat[rows])
             logits = teacher_logits(self.teachers, crops, self.precision)
             ce.append(F.cross_entropy(logits, torch.full((len(rows),), c, device=self.device), reduction="none"))
         ce, best_crop = torch.cat(ce).view(n, per).min(1)
-        keep = ce.argsort()[:need].cpu()
+        keep = rank_candidates(ce.cpu(), need, m.patch_difficulty)
         return {"sources": idx[keep], "theta": thetas[keep, best_crop.cpu()[keep]]}
 
     # ------------------------------------------------------------------ recovery
@@ -340,6 +436,10 @@ class FADRMRecipe:
             x = F.interpolate(patches_norm, size=self.sizes[0], mode="bilinear", align_corners=False)
             done_losses = torch.empty(0)
         every = self.cfg.checkpoint_every
+        # a GradScaler per batch (fp16 MPT): its scale, like the batch's seed, depends on the batch alone
+        precision = Precision(self.mpt, self.device)
+        if self.inner is not None:
+            precision.load_state_dict(self.inner.get("scaler"))
         losses = []  # kept on the device; read once per batch (and at a mid-batch checkpoint)
         for s in range(stage0, len(self.sizes)):
             x = x.detach().requires_grad_(True)
@@ -351,17 +451,17 @@ class FADRMRecipe:
                 step = s * iters + it
                 for group in opt.param_groups:
                     group["lr"] = float(lr[step])
-                loss = self.recovery_loss(x, y, step)
+                loss = self.recovery_loss(x, y, step, precision)
                 opt.zero_grad(set_to_none=True)
-                self.precision.backward(loss)
-                self.precision.step(opt)
+                precision.backward(loss)
+                precision.step(opt)
                 losses.append(loss.detach())
                 with torch.no_grad():  # pixels stay in the valid range
                     x.data = torch.maximum(torch.minimum(x, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
                 bar.update(task, advance=1)
                 if every and (step + 1) % every == 0 and it + 1 < iters:
                     self.inner = {"batch": b, "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
-                                  "optimizer": opt.state_dict(),
+                                  "optimizer": opt.state_dict(), "scaler": precision.state_dict(),
                                   "losses": torch.cat([done_losses, torch.stack(losses).cpu()])}
                     self.save_checkpoint()
                     self.inner = None
@@ -396,8 +496,10 @@ class FADRMRecipe:
                          resolution=self.sizes[min((start + len(window) - 1) // self.cfg.method.stage_iterations,
                                                    len(self.sizes) - 1)][0])
 
-    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch."""
+    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                      precision: Precision | None = None) -> torch.Tensor:
+        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch; the forward
+        under ``precision``'s autocast (MPT: fp16), the CE and the statistics in fp32."""
         m = self.cfg.method
         k = step % len(self.teachers)
         size = tuple(x.shape[-2:])
@@ -408,13 +510,13 @@ class FADRMRecipe:
             dx, dy = torch.randint(0, m.roll + 1, (2,)).tolist()
             a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
         pixels = a * self.std + self.mean
-        with self.precision.autocast(), self.taps[k].collect():
+        with (precision or Precision(self.mpt, self.device)).autocast(), self.taps[k].collect():
             logits = self.teachers[k](pixels)
-        ce = F.cross_entropy(logits.float(), y)
         bn = self.taps[k].loss()
-        loss = ce + m.r_bn * bn
+        loss = recovery_loss(logits, y, bn, m.r_bn)
         if not torch.isfinite(loss):  # a sync, but recovery with a NaN is wasted work
-            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {ce.item()}, bn {bn.item()}")
+            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {(loss - m.r_bn * bn).item()}, "
+                                     f"bn {bn.item()}")
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -428,9 +530,7 @@ class FADRMRecipe:
                     distilled, self.train_set, self.test_set, self.teachers, self.image_size, cfg.eval, cfg.seed,
                     bool(cfg.data.get("hflip", True)), self.device, self.precision, cfg.num_workers, cfg.progress)
             return {}
-        scfg = StudentConfig(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, weight_decay=e.weight_decay,
-                             final_lr_fraction=e.final_lr_fraction, temperature=e.temperature,
-                             crop_scale=tuple(e.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        scfg = self.student_config()
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
         sets = {"synthetic": read_distilled(self.out.path, self.classes, self.channels)}
         if e.real_random:
@@ -446,11 +546,16 @@ class FADRMRecipe:
                     stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
                     r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
                                       self.device, self.precision, seed=seed,
+                                      model_kwargs=self.stem_kwargs(arch, self.image_size),
                                       num_workers=cfg.num_workers, progress=cfg.progress,
                                       description=f"student {arch} on {name}", stored_labels=stored,
                                       log=self.out.log, phase=f"student/{arch}/{name}")
                     students[arch][name] = r["test_acc"]
         return students
+
+    def student_config(self) -> StudentConfig:
+        """The students' training (``method.eval``) as :func:`~fastdistill.eval.student.train_student` takes it."""
+        return StudentConfig.from_eval(self.cfg.method.eval, hflip=bool(self.cfg.data.get("hflip", True)))
 
     def store_labels(self, arch: str, name: str, images, scfg: StudentConfig, seed: int):
         """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,

@@ -15,6 +15,12 @@ with another patch grid has its queries and keys resampled onto the student's gr
 (``kernels/attention_kl.py``: Triton on CUDA, the blockwise torch form elsewhere; no L x L map is kept for the
 backward) unless ``fused_attention_kl=false`` (the materialised reference).
 
+Training follows DeiT's recipe (Touvron et al. 2021) as far as its switches are on (all off by default, on in
+``preset=paper``): the lr given per ``lr_reference_batch`` images and scaled to the batch, cosine to ``min_lr``,
+crops with ``interpolation``, RandAugment, random erasing and Mixup / CutMix through timm
+(``data/deit_augment.py``; with mixing, every cross-entropy, the teachers' included, takes the mixed soft targets),
+drop-path through ``model_kwargs``, fp16 with a loss scaler through ``precision``.
+
 The same student is also trained alone (CE only, the same optimiser, schedule, augmentation and initial weights):
 ``metrics.json`` holds ``{"student": {"kd": acc, "baseline": acc}, "teachers": {...}}``. Teachers come from
 ``weights``: ``none`` / ``hub`` / a weights file / a run folder with ``teacher.json`` / ``trained`` (trained on the
@@ -23,7 +29,8 @@ The run ends with CLS-attention overlays (``attention_<model>.png``) and the att
 student and both teachers (``eval/attention.py``).
 
 Keys that matter: ``model`` (student), ``method.teachers``, ``method.adaptation``, ``method.lambda_output``,
-``method.lambda_attention``, ``method.temperature``, ``method.train_per_class``, ``method.epochs``.
+``method.lambda_attention``, ``method.temperature``, ``method.train_per_class``, ``method.epochs``,
+``method.augment``.
 """
 from __future__ import annotations
 
@@ -34,13 +41,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from timm.data import IMAGENET_DEFAULT_MEAN
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill import console
 from fastdistill.artifacts import RunDir
 from fastdistill.data import build_dataset, build_loader
 from fastdistill.data.dataset import TrainCrop
-from fastdistill.data.transforms import to_input, train_augment
+from fastdistill.data.deit_augment import BatchAugment, RandAugment, check_augment, pil_each
+from fastdistill.data.transforms import INTERPOLATIONS, to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.schedules import cosine_schedule
@@ -84,6 +93,17 @@ class KDMultiRecipe:
             raise ValueError(f"method.student_heads must be two head indices [S1, S2], got {list(m.student_heads)}")
         if m.train_per_class is not None and (not isinstance(m.train_per_class, int) or m.train_per_class < 1):
             raise ValueError(f"method.train_per_class must be null or an integer >= 1, got {m.train_per_class!r}")
+        ref = m.get("lr_reference_batch")
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
+            raise ValueError(f"method.lr_reference_batch must be an integer >= 1 or null, got {ref!r}")
+        if m.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown method.interpolation {m.interpolation!r}; expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        a = m.augment
+        check_augment(a.randaugment, a.random_erasing, a.mixup, a.cutmix)
+        if (a.mixup > 0 or a.cutmix > 0) and m.batch_size % 2:
+            raise ValueError(f"method.batch_size {m.batch_size} must be even with Mixup / CutMix (timm pairs each "
+                             f"image with the batch reversed)")
         if sorted(m.teachers) != sorted(ROLES):
             raise ValueError(f"method.teachers must name exactly {' and '.join(ROLES)}, got {sorted(m.teachers)}")
         for role in ROLES:
@@ -116,13 +136,23 @@ class KDMultiRecipe:
         if m.train_per_class is not None:
             index = self.full_train.per_class(m.train_per_class, torch.Generator().manual_seed(cfg.seed))
             self.train_set = self.full_train.subset(index)
-        # files streamed by the torch loader are cropped as they are decoded (on the whole image), as the teacher's
-        crop = TrainCrop(scale=tuple(m.crop_scale), hflip=bool(cfg.data.get("hflip", True)))
+        # files streamed by the torch loader are cropped as they are decoded (on the whole image), as the teacher's,
+        # and RandAugmented there (in the loader's workers), as DeiT's dataset transform
+        policy = m.augment.randaugment
+        augment = RandAugment(policy, min(self.train_set.image_size), m.interpolation,
+                              self._fill(self.train_set.channels)) if policy else None
+        crop = TrainCrop(scale=tuple(m.crop_scale), hflip=bool(cfg.data.get("hflip", True)),
+                         interpolation=m.interpolation, augment=augment)
         train = self.train_set.train_view(crop) if cfg.loader == "torch" else self.train_set
         self.crop_on_device = train.train_crop is None
-        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=False,
+        mixes = m.augment.mixup > 0 or m.augment.cutmix > 0
+        # DeiT drops the last batch; Mixup / CutMix need it (an odd last batch cannot be paired)
+        self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=mixes,
                                    seed=cfg.seed, num_workers=cfg.num_workers)
         self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training "
+                             f"images (the last batch is dropped with Mixup / CutMix)")
         self.classes = self.train_set.classes
         self.profiler = Profiler(self.device)
         # teachers: backbone + trainable head; the parts ``adaptation`` leaves frozen never get gradients
@@ -193,7 +223,15 @@ class KDMultiRecipe:
         self.params = params
         self.optimizer = instantiate(m.optimizer)(params)
         total = m.epochs * self.steps_per_epoch
-        self.lr = cosine_schedule(m.optimizer.lr, 0.0, total, m.warmup_epochs * self.steps_per_epoch)
+        ref = m.get("lr_reference_batch")
+        peak = m.optimizer.lr * m.batch_size / ref if ref else m.optimizer.lr  # DeiT: 5e-4 per 512 images
+        self.lr = cosine_schedule(peak, m.min_lr, total, m.warmup_epochs * self.steps_per_epoch)
+        a = m.augment
+        self.randaugment = RandAugment(a.randaugment, min(self.image_size), m.interpolation, self._fill(3)) \
+            if a.randaugment and self.crop_on_device else None  # batches cropped on the device: on the host
+        self.batch_augment = BatchAugment(float(a.random_erasing), float(a.mixup), float(a.cutmix),
+                                          float(m.label_smoothing), len(self.classes), spec.mean, spec.std,
+                                          self.device)
         self.position = Position()
         self.head_counts = {role: torch.zeros(self.teacher_taps[role].attn.num_heads, dtype=torch.long,
                                               device=self.device) for role in ROLES}
@@ -213,21 +251,28 @@ class KDMultiRecipe:
             self.out.log(stage, self.cfg.method.epochs, test_acc=self.results[stage])
             self.save_checkpoint()
 
+    @staticmethod
+    def _fill(channels: int) -> tuple[float, ...]:
+        """RandAugment's fill colour, DeiT's (create_transform's default: the ImageNet mean), one per channel."""
+        return IMAGENET_DEFAULT_MEAN if channels == 3 else (sum(IMAGENET_DEFAULT_MEAN) / 3,)
+
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.crop_on_device:  # cropped and flipped by the loader at the data's size
+        if not self.crop_on_device:  # cropped, flipped (and RandAugmented) by the loader at the data's size
             return to_input(x.to(self.device, non_blocking=True), self.image_size)
+        m = self.cfg.method
         x = to_input(x.to(self.device, non_blocking=True))
-        return train_augment(x, self.image_size, self.cfg.method.crop_scale, self.cfg.data.get("hflip", True))
+        x = train_augment(x, self.image_size, m.crop_scale, self.cfg.data.get("hflip", True), mode=m.interpolation)
+        return pil_each(x, self.randaugment) if self.randaugment else x
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.cfg.method
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[self.position.step])
         x = self._augment(x)
-        y = y.to(self.device, non_blocking=True)
+        x, y = self.batch_augment(x, y.to(self.device, non_blocking=True))  # y: soft targets where mixed
         with self.precision.autocast():
             logits = self.student(x)
-        terms = {"ce_s": F.cross_entropy(logits.float(), y, label_smoothing=m.label_smoothing)}
+        terms = {"ce_s": self.cross_entropy(logits.float(), y)}
         if self.stage == "kd":
             terms.update(self.kd_terms(x, y, logits))
         loss = sum(terms.values())
@@ -255,7 +300,7 @@ class KDMultiRecipe:
             t_qk[role] = (q, k)
         q_s, k_s = self.student_tap.q, self.student_tap.k
         s1, s2 = m.student_heads
-        terms = {f"ce_{role}": F.cross_entropy(t_logits[role], y, label_smoothing=m.label_smoothing) for role in ROLES}
+        terms = {f"ce_{role}": self.cross_entropy(t_logits[role], y) for role in ROLES}
         terms["kd"] = multi_teacher_output_kd(student_logits, t_logits["cl"], t_logits["mim"], m.lambda_output,
                                               m.temperature)
         attn = multi_teacher_attention_kd(t_qk["cl"], t_qk["mim"], (q_s[:, s1:s1 + 1], k_s[:, s1:s1 + 1]),
@@ -264,6 +309,12 @@ class KDMultiRecipe:
         if attn is not None:
             terms["attn"] = attn
         return terms
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed CE on int64 labels; on Mixup / CutMix soft targets (smoothing already in them) plain CE,
+        timm's SoftTargetCrossEntropy."""
+        smoothing = self.cfg.method.label_smoothing if y.dim() == 1 else 0.0
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     # ---------------------------------------------------------------------------------------------- evaluate
     def evaluate_student(self) -> float:

@@ -1,6 +1,7 @@
 """Linear Gradient Matching (``+method=lgm``): dataset distillation for frozen pre-trained backbones
-(Cazenavette et al., "Dataset Distillation for Pre-Trained Self-Supervised Vision Models", NeurIPS 2025), with
-its multi-backbone extension (several frozen backbones of different objectives matched at once).
+(Cazenavette et al., "Dataset Distillation for Pre-Trained Self-Supervised Vision Models", NeurIPS 2025: one
+backbone per distillation), with the multi-backbone setting of a later study that builds on it (several frozen
+backbones of different objectives matched at once; ``preset=paper`` is the single-backbone paper's setting).
 
 Every step draws a fresh random linear head per backbone m (W ~ N(0, 0.01^2), b = 0) and compares the gradient
 of its cross-entropy on a real batch with the one on the augmented synthetic set:
@@ -15,8 +16,8 @@ backpropagated into the synthetic parameters only (backbones frozen, heads never
   (sigmoid(2 z) of a full-resolution tensor); initialised from noise or from random real images.
 - Augmentation, drawn independently per sample and the same for both sides: random-resized-crop (affine_grid /
   grid_sample, differentiable), flip where the data allows it, additive Gaussian noise with probability p;
-  ``augs_per_batch`` augmented copies of the synthetic set per step against ``ipc * augs * classes`` random real
-  images, whose forward runs without autograd.
+  ``augs_per_batch`` augmented copies of the synthetic set per step against ``ipc * augs * classes`` real images
+  drawn without replacement (shuffled passes over the training set), whose forward runs without autograd.
 - The loss is ``kernels/grad_cosine.py`` (Triton on CUDA, the closed-form PyTorch reference elsewhere), in both
   steps: the two-pass step's head sums and feature gradients run on the same kernels.
 - Memory: the one-pass step keeps every synthetic view's activations for one backward (linear in augs_per_batch);
@@ -38,6 +39,7 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir, to_uint8
 from fastdistill.data import ImageDataset, build_dataset
 from fastdistill.data import views
+from fastdistill.data.loaders import pass_batch
 from fastdistill.data.transforms import check_crop_scale, to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
@@ -237,10 +239,11 @@ class LGMRecipe:
 
     # ------------------------------------------------------------------ distillation
     def real_batch(self, n: int, rows: slice = slice(None)) -> tuple["RealBatch", torch.Tensor]:
-        """``n`` random real training images (not class-balanced, as published), [0, 1] at the synthetic size; all n
-        indices are drawn (the same stream on every rank), only ``rows`` of them are this rank's. The images are
-        decoded when a chunk of them is used (:class:`RealBatch`)."""
-        idx = torch.randint(len(self.real_labels), (n,))[rows]
+        """``n`` real training images of step ``self.step``, [0, 1] at the synthetic size: drawn without replacement
+        from shuffled passes over the training set (not class-balanced), as the published shuffled loader with
+        drop_last; every rank computes all n indices (a function of seed and step) and keeps ``rows`` of them. The
+        images are decoded when a chunk of them is used (:class:`RealBatch`)."""
+        idx = pass_batch(len(self.real_labels), n, self.cfg.seed, self.step)[rows]
         return RealBatch(self, idx), self.real_labels[idx].to(self.device)
 
     def draw_views(self, n: int) -> dict[str, torch.Tensor]:

@@ -125,6 +125,84 @@ def test_random_resized_crop_stays_inside():
     assert x.grad.abs().sum() > 0, "the crop must be differentiable"
 
 
+def _boxes(theta, size):
+    """Pixel boxes (top, left, height, width) of affine_grid windows on an image of ``size``: torchvision's
+    (i, j, h, w)."""
+    height, width = size
+    t = theta.double()
+    w, h = t[:, 0, 0] * width, t[:, 1, 1] * height
+    left, top = (t[:, 0, 2] + 1) * width / 2 - w / 2, (t[:, 1, 2] + 1) * height / 2 - h / 2
+    return torch.stack([top, left, h, w], 1)
+
+
+def test_crop_windows_are_whole_pixels_inside_the_image():
+    from fastdistill.data.transforms import crop_windows
+
+    size = (28, 36)
+    boxes = _boxes(crop_windows(5000, size, generator=torch.Generator().manual_seed(0)), size)
+    torch.testing.assert_close(boxes, boxes.round(), atol=1e-4, rtol=0, msg=lambda m: f"window edges: {m}")
+    top, left, h, w = boxes.round().long().unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 36).all(), \
+        "a window leaves the image"
+    assert (h >= 1).all() and (w >= 1).all()
+
+
+def test_crop_windows_follow_torchvision():
+    # torchvision's get_params redraws a window that does not fit (10 tries); the clamped draw fastdistill made before
+    # (13 % of windows clamped) gave 8 % full-width windows at 28 px against torchvision's 4 %. Area, ratio, position
+    # and the share of full-width windows must agree
+    torchvision = pytest.importorskip("torchvision")
+    from fastdistill.data.transforms import crop_windows
+
+    n, size = 6000, (28, 28)
+    torch.manual_seed(1)
+    ref = torch.tensor([torchvision.transforms.RandomResizedCrop.get_params(torch.zeros(1, *size), [0.08, 1.0],
+                                                                           [3 / 4, 4 / 3]) for _ in range(n)],
+                       dtype=torch.float64)
+    ours = _boxes(crop_windows(n, size, generator=torch.Generator().manual_seed(2)), size).round()
+
+    def stats(b):
+        top, left, h, w = b.unbind(1)
+        return {"area": (h * w).mean() / 784, "full width": (w == 28).double().mean(),
+                "full height": (h == 28).double().mean(), "aspect": (w / h).log().mean(),
+                "centre row": (top + h / 2).mean() / 28}
+
+    got, want = stats(ours), stats(ref)
+    for key in want:
+        assert abs(got[key] - want[key]) < 0.015, f"{key}: {got[key]:.4f} here, torchvision {want[key]:.4f}"
+    # the whole distribution of window areas (two-sample Kolmogorov-Smirnov distance; 0.025 at p 0.05)
+    a, b = (ours[:, 2] * ours[:, 3]).sort().values, (ref[:, 2] * ref[:, 3]).sort().values
+    grid = torch.cat([a, b]).unique()
+    ks = (torch.searchsorted(a, grid, right=True) - torch.searchsorted(b, grid, right=True)).abs().max() / n
+    assert ks < 0.025, f"window areas differ from torchvision's (KS distance {ks:.3f})"
+
+
+def test_crop_windows_fall_back_to_torchvision_centre_crop():
+    # no try can fit (area 1 at ratios 0.5-0.8 on a 3:2 image): torchvision's centre crop, clipped to ratio 0.8
+    torchvision = pytest.importorskip("torchvision")
+    from fastdistill.data.transforms import crop_windows
+
+    size, scale, ratio = (20, 30), (1.0, 1.0), (0.5, 0.8)
+    want = torchvision.transforms.RandomResizedCrop.get_params(torch.zeros(1, *size), list(scale), list(ratio))
+    boxes = _boxes(crop_windows(4, size, scale, ratio, torch.Generator().manual_seed(0)), size).round().long()
+    assert all(tuple(b) == tuple(want) for b in boxes.tolist()), f"{boxes.tolist()} vs torchvision {want}"
+
+
+def test_random_resized_crop_takes_the_window_pixels():
+    # a window of exactly the output size samples pixel centres: the crop is the image's pixels in that box
+    from fastdistill.data.transforms import crop_windows
+
+    x = torch.rand(8, 2, 20, 20, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    theta = crop_windows(8, (20, 20), scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=g)
+    g = torch.Generator().manual_seed(3)
+    y = random_resized_crop(x, (10, 10), scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=g)
+    for k, (top, left, h, w) in enumerate(_boxes(theta, (20, 20)).round().long().tolist()):
+        assert (h, w) == (10, 10)
+        torch.testing.assert_close(y[k], x[k, :, top:top + h, left:left + w], atol=1e-6, rtol=0,
+                                   msg=lambda m: f"window {k} at ({top}, {left}): {m}")
+
+
 def test_bicubic_crop_matches_the_cubic_kernel_and_stays_in_range():
     # a whole-image window at 2x: every output pixel is the a = -0.75 cubic interpolation of the input row
     x = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64).view(1, 1, 1, 6).expand(1, 1, 4, 6)

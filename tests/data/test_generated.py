@@ -137,3 +137,42 @@ def test_img2img_decodes_a_batch_at_a_time_and_returns_files(tmp_path, monkeypat
     assert out.dataset().images is None, "the generated set is read back as files"
     torch.testing.assert_close(out.load(), train.images[real_ids].repeat_interleave(2, 0), rtol=0, atol=1,
                                msg="an echo pipeline gives back the real images")
+
+
+class _FakePipeline:
+    """Stands in for diffusers' AutoPipeline classes: records how it was asked to load."""
+    calls: list = []
+    fail = False
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs):
+        if cls.fail:
+            raise OSError("not in the cache and offline")
+        cls.calls.append((source, kwargs))
+        return cls()
+
+    def set_progress_bar_config(self, **_):
+        pass
+
+    def to(self, device):
+        return self
+
+
+def test_pipeline_from_a_folder_or_a_hub_id(tmp_path, monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(AutoPipelineForText2Image=_FakePipeline, AutoPipelineForImage2Image=_FakePipeline)
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    monkeypatch.setattr(_FakePipeline, "calls", [])
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    load_pipeline("img2img", str(tmp_path / "sd"), torch.device("cpu"))
+    load_pipeline("img2img", "stabilityai/stable-diffusion-2-1", torch.device("cpu"))
+    assert _FakePipeline.calls == [(str(tmp_path / "sd"), {"local_files_only": True}),
+                                   ("stabilityai/stable-diffusion-2-1", {})], "a folder never downloads; an id may"
+    with pytest.raises(FileNotFoundError, match="diffusion pipeline '/no/pipe' not found"):
+        load_pipeline("img2img", "/no/pipe", torch.device("cpu"))
+    monkeypatch.setattr(_FakePipeline, "fail", True)
+    with pytest.raises(FileNotFoundError, match="'stabilityai/stable-diffusion-2-1' could not be loaded from the "
+                                                "Hugging Face hub or its cache"):
+        load_pipeline("cls2img", "stabilityai/stable-diffusion-2-1", torch.device("cpu"))

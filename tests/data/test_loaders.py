@@ -121,3 +121,21 @@ def test_dali_decodes_files_as_the_torch_loader_does(tmp_path):
     # the same resize and crop geometry: a one-pixel offset would cost about 4-10 grey levels on these images
     per_image = (torch.cat([x for x, _ in got]).float() - torch.cat([x for x, _ in ref]).float()).abs().mean((1, 2, 3))
     assert per_image.max() < 2, f"DALI vs PIL decode, mean absolute difference per image: {per_image.tolist()}"
+
+
+@pytest.mark.parametrize("n, batch", [(37, 8), (40, 8), (5, 12)])
+def test_pass_batch_draws_without_replacement_within_a_pass(n, batch):
+    from fastdistill.data.loaders import pass_batch
+
+    per_pass = n // batch
+    if per_pass:  # a shuffled loader with drop_last: the batches of one pass never share a sample
+        steps = [pass_batch(n, batch, 3, s) for s in range(2 * per_pass)]
+        for p in range(2):
+            ids = torch.cat(steps[p * per_pass:(p + 1) * per_pass])
+            assert ids.unique().numel() == per_pass * batch, f"pass {p} repeats a sample"
+        assert not torch.equal(torch.cat(steps[:per_pass]), torch.cat(steps[per_pass:])), "each pass is reshuffled"
+    else:  # a batch larger than the data: whole passes, so every sample appears floor or ceil(batch / n) times
+        counts = torch.bincount(pass_batch(n, batch, 3, 0), minlength=n)
+        assert counts.min() >= batch // n and counts.max() <= -(-batch // n)
+    torch.testing.assert_close(pass_batch(n, batch, 3, 5), pass_batch(n, batch, 3, 5), msg="a function of seed, step")
+    assert pass_batch(n, batch, 3, 0).shape == (batch,)

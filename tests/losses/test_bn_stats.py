@@ -96,3 +96,71 @@ def test_arc_update_worked_by_hand():
 def test_arc_update_rejects_unresampled_patches():
     with pytest.raises(ValueError, match=r"^arc_update: patches must be resampled to x's shape"):
         arc_update(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), 0.5, -1.0, 1.0)
+
+
+def _published_recovery_loss(model, x, y, r_bn, first_multiplier):
+    """The published recovery objective written out with plain forward hooks (no fastdistill code): per BN input
+    the mean over (N, H, W), the biased variance of the channel-first flattened input, their plain L2 distances to
+    the running statistics; the stem's term times ``first_multiplier``; plus the batch-mean CE."""
+    terms, handles = [], []
+
+    def hook(module, inputs, output):
+        z = inputs[0]
+        mean = z.mean([0, 2, 3])
+        var = z.transpose(0, 1).reshape(z.shape[1], -1).var(1, unbiased=False)
+        terms.append(torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2))
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    bn = sum(t * (first_multiplier if i == 0 else 1.0) for i, t in enumerate(terms))
+    return torch.nn.functional.cross_entropy(logits, y) + r_bn * bn
+
+
+def test_recovery_loss_equals_the_published_objective_in_float64():
+    # a float64 teacher (BN statistics drawn away from 0/1 so the BN term is not trivial): the fastdistill path (BN tap
+    # + recovery_loss) agrees with the published objective to float64 rounding, gradient included; the CE is no
+    # longer computed on logits cast down to fp32 (which left 1e-7 between the two)
+    from fastdistill.losses.bn_stats import recovery_loss
+    from fastdistill.models import create_backbone
+    from fastdistill.models.taps import BNStatsTap
+
+    gen = torch.Generator().manual_seed(0)
+    teacher = create_backbone("timm:resnet18", num_classes=5).freeze()
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    teacher = teacher.double()
+    x = torch.rand(6, 3, 16, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    tap = BNStatsTap(teacher, first_multiplier=10.0)
+    with tap.collect():
+        logits = teacher(x)
+    loss = recovery_loss(logits, y, tap.loss(), r_bn=0.01)
+    tap.remove()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = _published_recovery_loss(teacher.model, teacher.normalize(x_ref), y, 0.01, 10.0)
+    assert loss.dtype == torch.float64, f"recovery loss of float64 logits came back {loss.dtype}"
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"recovery loss: {m}")
+    (grad,) = torch.autograd.grad(loss, x)
+    (expected_grad,) = torch.autograd.grad(expected, x_ref)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"dL/dx: {m}")
+
+
+def test_recovery_loss_promotes_half_logits_to_fp32():
+    logits = torch.randn(4, 3).half()
+    loss = recovery_loss_of(logits)
+    assert loss.dtype == torch.float32, f"fp16 logits gave a {loss.dtype} loss"
+    torch.testing.assert_close(loss, recovery_loss_of(logits.float()), msg=lambda m: f"fp16 vs fp32 logits: {m}")
+
+
+def recovery_loss_of(logits):
+    from fastdistill.losses.bn_stats import recovery_loss
+
+    return recovery_loss(logits, torch.tensor([0, 1, 2, 0]), torch.tensor(2.0), r_bn=0.5)

@@ -142,3 +142,49 @@ def test_resolution_the_backbone_cannot_take():
     vit = create_backbone("timm:vit_tiny_patch16_224", img_size=32, patch_size=8)
     with pytest.raises(ValueError, match="takes 32x32 px input, got 28x28"):
         vit.embed(torch.rand(1, 3, 28, 28))
+
+
+def test_cifar_stem_is_the_published_small_image_resnet():
+    # the published small-image ResNet-18 (torchvision's with a 3x3 stride-1 conv1 and no max-pool, as LINs-lab/RDED
+    # resnet18_modified builds it) with the same weights gives the same logits in float64
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = create_backbone("timm:resnet18", num_classes=10, cifar_stem=True).eval().double()
+    ref = torchvision.models.resnet18(num_classes=10)
+    ref.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    ref.maxpool = nn.Identity()
+    ref.load_state_dict(net.model.state_dict())
+    ref = ref.eval().double()
+    x = torch.rand(3, 3, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(net.normalize(x)), rtol=1e-10, atol=1e-10, msg=lambda m: f"logits: {m}")
+    # the first block sees the whole 28-px grid (the ImageNet stem leaves 7x7)
+    seen = {}
+
+    def record(module, args, out):
+        seen["hw"] = tuple(out.shape[-2:])
+
+    net.model.layer1.register_forward_hook(record)
+    net(x)
+    assert seen["hw"] == (28, 28), f"layer1 output {seen['hw']}"
+    assert create_backbone("timm:resnet18").model.conv1.stride == (2, 2), "the stem changes only when asked"
+
+
+def test_cifar_stem_weights_roundtrip_and_errors(tmp_path):
+    from safetensors.torch import save_model
+
+    from fastdistill.models.timm_source import is_timm_resnet
+
+    src = create_backbone("timm:resnet50", num_classes=4, cifar_stem=True).eval()
+    save_model(src.model, str(tmp_path / "c.safetensors"))
+    dst = create_backbone("timm:resnet50", pretrained=str(tmp_path / "c.safetensors"), num_classes=4,
+                          cifar_stem=True).eval()
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(dst(x), src(x), msg="CIFAR-stem weights from a file")
+    with pytest.raises(ValueError, match="does not fit the model"):  # the 3x3 stem's file into a 7x7 stem
+        create_backbone("timm:resnet50", pretrained=str(tmp_path / "c.safetensors"), num_classes=4)
+    with pytest.raises(ValueError, match="hub weights carry the ImageNet stem"):
+        create_backbone("timm:resnet18.tv_in1k", pretrained="hub", cifar_stem=True)
+    with pytest.raises(ValueError, match="timm:regnetx_002 is not a timm ResNet"):
+        create_backbone("timm:regnetx_002", cifar_stem=True)
+    assert is_timm_resnet("timm:resnet101") and is_timm_resnet("timm:resnet18.tv_in1k")
+    assert not is_timm_resnet("timm:regnetx_002") and not is_timm_resnet("open_clip:RN50/openai")

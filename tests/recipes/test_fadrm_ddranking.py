@@ -35,3 +35,17 @@ def test_bad_ddranking_key_stops_before_any_work(tmp_path):
 
     with pytest.raises(ValueError, match="eval.seeds must be an integer >= 1"):
         FADRMRecipe(compose([*TINY, "eval.seeds=0", f"out={tmp_path / 'bad'}"]))
+
+
+def test_evaluate_ddranking_on_a_saved_folder(tmp_path):
+    """+method=evaluate eval=ddranking on a folder a fadrm run saved: the same rows and scores, the soft labels from
+    eval.teachers (here the same cached smoke teacher the run used), the test split read once."""
+    run(compose([*TINY[:8], "method.eval.students=[]", f"out={tmp_path / 'set'}"]))
+    metrics = run(compose(["+method=evaluate", f"distilled={tmp_path / 'set'}", "progress=false", *TINY[8:],
+                           "eval.teacher_preset=smoke", f"out={tmp_path / 'scores'}"]))
+    r = metrics["ddranking"]
+    assert metrics["images"] == 20 and set(r["accuracy"]) == set(ROWS) and r["test_reads"] == 1
+    for p in r["per_seed"]:
+        assert p["lrs"] == pytest.approx(scores(p["accuracy"], r["weight"])["lrs"])
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert manifest["validation_split"]["val_per_class"] == [40] * 10

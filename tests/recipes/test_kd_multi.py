@@ -121,6 +121,37 @@ def test_fused_and_eager_attention_kl_give_the_same_step(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"student {name} after one step")
 
 
+DEIT = ["method.augment.randaugment=rand-m9-mstd0.5-inc1", "method.augment.random_erasing=0.25",
+        "method.augment.mixup=0.8", "method.augment.cutmix=1.0", "method.interpolation=bicubic",
+        "method.lr_reference_batch=512", "method.min_lr=1e-5", "method.batch_size=24",
+        "+method.model_kwargs.drop_path_rate=0.1", "method.model_kwargs.depth=2"]  # depth 1 would get rate 0
+
+
+def test_deit_recipe_switches_reach_the_training_step(tmp_path, monkeypatch):
+    from timm.layers import DropPath
+
+    off = _recipe(tmp_path / "off")
+    assert off.randaugment is None and off.batch_augment.erase is None and not off.batch_augment.mixes
+    recipe = _recipe(tmp_path / "on", *DEIT)
+    m = recipe.cfg.method
+    peak = m.optimizer.lr * 24 / 512
+    assert recipe.lr.max() == pytest.approx(peak), "DeiT's lr: given per 512 images, scaled to the batch"
+    assert recipe.lr.min() >= 1e-5 and recipe.lr[-1] < 1e-5 + 0.05 * peak, "cosine down to min_lr, not to 0"
+    assert len(recipe.loader) == 100 // 24, "Mixup / CutMix: the odd last batch is dropped, as DeiT drops it"
+    rates = [l.drop_prob for l in recipe.student.modules() if isinstance(l, DropPath)]
+    assert rates and all(r > 0 for r in rates), "drop-path on the student"
+    assert not any(isinstance(l, DropPath) and l.drop_prob > 0 for net in recipe.teachers.values()
+                   for l in net.modules()), "no drop-path in the teachers"
+    targets = []
+    real_ce = recipe.cross_entropy
+    monkeypatch.setattr(recipe, "cross_entropy", lambda logits, y: targets.append(y) or real_ce(logits, y))
+    x, y = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8), torch.arange(24) % 10
+    terms = _kd_step(recipe, x, y)
+    assert all(torch.isfinite(v) for v in terms.values()), terms
+    assert len(targets) == 3 and all(t.shape == (24, 10) for t in targets), "every CE takes the mixed soft targets"
+    torch.testing.assert_close(targets[0].sum(1), torch.ones(24), msg="soft targets are distributions")
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
@@ -165,6 +196,10 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
      "method.teachers.cl.weights '/nonexistent/dino.safetensors' not found"),
     ("method.teachers.mim.recipe=mea", ValueError, "method.teachers.mim.recipe 'mea' is not a method"),
     ("method.student_heads=[0,5]", ValueError, r"must index the student's 3 heads"),
+    ("method.augment.mixup=0.8", ValueError, "method.batch_size 25 must be even with Mixup / CutMix"),
+    ("method.augment.randaugment=autoaug", ValueError, "must be a timm RandAugment policy"),
+    ("method.interpolation=nearest", ValueError, "unknown method.interpolation 'nearest'"),
+    ("method.lr_reference_batch=0", ValueError, "method.lr_reference_batch must be an integer >= 1 or null"),
     ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
      "is not a ViT with qkv attention"),
 ])

@@ -75,6 +75,22 @@ def test_matching_loss_falls_on_a_fixed_objective(tmp_path):
     assert losses[-1] < 0.8 * losses[0], f"LGM loss must fall on a fixed objective: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
+def test_real_batches_are_drawn_without_replacement(tmp_path):
+    # the published loader: shuffled passes with drop_last, so consecutive steps of a pass share no image
+    recipe = _recipe(tmp_path, "real")
+    n = recipe.cfg.method.augs_per_batch * recipe.n_images
+    batches = []
+    for step in range(len(recipe.real_labels) // n):
+        recipe.step = step
+        batch, labels = recipe.real_batch(n)
+        torch.testing.assert_close(labels, recipe.real_labels[batch.index], msg="labels of the drawn images")
+        batches.append(batch.index)
+    ids = torch.cat(batches)
+    assert ids.unique().numel() == ids.numel(), "an image repeats within one pass over the training set"
+    recipe.step = 0
+    torch.testing.assert_close(recipe.real_batch(n)[0].index, batches[0], msg="a function of seed and step")
+
+
 def test_pyramid_levels_decode_and_optimizer_reset(tmp_path):
     assert pyramid_sizes(28, 28) == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (28, 28)]
     assert pyramid_sizes(3, 5) == [(1, 1), (2, 2), (3, 4), (3, 5)]
