@@ -268,6 +268,21 @@ def test_train_decode_sees_the_whole_image_and_is_seeded_per_sample(tmp_path):
     torch.testing.assert_close(ds[(2, 7)][0], ds[(2, 7)][0], msg="one seed, one crop")
 
 
+
+def test_multi_crop_decode_gives_each_view_its_size_and_augment(tmp_path):
+    from PIL import Image
+
+    from fastdistill.data.dataset import ImageDataset, TrainCrop
+
+    _stripes(tmp_path / "0.png")
+    flat = TrainCrop(size=(8, 8), augment=lambda im: Image.new(im.mode, im.size, (7, 7, 7)))
+    ds = ImageDataset(labels=torch.zeros(1, dtype=torch.long), classes=["a"], paths=[tmp_path / "0.png"],
+                      image_size=(16, 16)).train_view((TrainCrop(), TrainCrop(), flat))
+    views, _ = ds[(0, 3)]
+    assert [tuple(v.shape) for v in views] == [(3, 16, 16), (3, 16, 16), (3, 8, 8)]
+    assert not torch.equal(views[0], views[1]), "each view draws its own crop"
+    assert (views[2] == 7).all(), "a view's augment runs after its crop"
+
 def test_loader_crops_do_not_depend_on_the_worker_count(tmp_path):
     from fastdistill.data.dataset import TrainCrop
     from fastdistill.data.loaders import TorchLoader
