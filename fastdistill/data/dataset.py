@@ -7,7 +7,8 @@ and decode only those (:meth:`take`, or a loader over :meth:`subset`).
 
 Files are decoded the way torchvision / timm pipelines do it, never squashed to a square:
 - evaluation (default): resize the shorter side to ``image_size / crop_pct``, centre-crop ``image_size``;
-- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio.
+- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio, or
+  (``TrainCrop(window="random")``) the evaluation resize with the ``image_size`` crop at a random position.
 JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) when that still leaves the shorter side at least
 ``image_size / crop_pct`` (PIL ``draft``, the bounded decode of DALI/FFCV pipelines): a 2000 px photo costs
 what a 500 px one does.
@@ -27,14 +28,24 @@ from PIL import Image, UnidentifiedImageError
 
 @dataclass(frozen=True)
 class TrainCrop:
-    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image, then a flip with p 0.5, then
-    ``augment`` (a PIL transform such as DeiT's RandAugment, ``data/deit_augment.py``) where given."""
+    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image (``window`` random_resized) or
+    the shorter side to ``image_size / crop_pct`` and an ``image_size`` crop at a random position (``window``
+    random: torchvision's RandomCrop, the published LGM loader), then a flip with p 0.5, then ``augment`` (a PIL
+    transform such as DeiT's RandAugment, ``data/deit_augment.py``) where given."""
 
+    window: str = "random_resized"  # or random (scale, ratio and interpolation are unused)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     interpolation: str = "bilinear"  # or bicubic (the published DINO, MAE and DeiT crops)
     augment: Callable[[Image.Image], Image.Image] | None = None
+
+    def __post_init__(self):
+        if self.window not in TRAIN_WINDOWS:
+            raise ValueError(f"unknown train crop window {self.window!r}; expected one of {', '.join(TRAIN_WINDOWS)}")
+
+
+TRAIN_WINDOWS = ("random_resized", "random")
 
 
 @dataclass
@@ -89,22 +100,29 @@ class ImageDataset(torch.utils.data.Dataset):
         """Sample ``i`` read from its file: uint8 (channels, *image_size)."""
         if self.train_crop is None:
             return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct)
+        if self.train_crop.window == "random":  # its own generator: take() decodes these on threads
+            gen = None if seed is None else torch.Generator().manual_seed(seed)
+            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct, self.train_crop, gen)
         # fork: a seeded crop must not reset the caller's global stream (the main process decodes in take())
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct, self.train_crop)
 
-    def take(self, index: torch.Tensor) -> torch.Tensor:
+    def take(self, index: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """The images at ``index`` (int64 (n,)) as uint8 (n, C, H, W): only those files are decoded (by a few
-        threads: PIL releases the GIL while it decodes)."""
+        threads: PIL releases the GIL while it decodes). ``seeds`` (int64 (n,)) seed each train-time crop."""
         if self.images is not None:
             return self.images[index]
         ids = index.tolist()
-        if len(ids) < 8:
-            return torch.stack([self.decode(i) for i in ids]) if ids else \
-                torch.zeros(0, self.channels, *self.image_size, dtype=torch.uint8)
-        return torch.stack(list(_pool().map(self.decode, ids)))
+        keys = ids if seeds is None else list(zip(ids, seeds.tolist()))
+        if not keys:
+            return torch.zeros(0, self.channels, *self.image_size, dtype=torch.uint8)
+        # the random-resized window seeds the global RNG: decoded one at a time (its loaders use processes)
+        serial = len(keys) < 8 or (seeds is not None and self.train_crop is not None
+                                   and self.train_crop.window == "random_resized")
+        images = (self[k][0] for k in keys) if serial else (x for x, _ in _pool().map(self.__getitem__, keys))
+        return torch.stack(list(images))
 
     def load_all(self) -> torch.Tensor:
         """All images as one uint8 (N, C, H, W) tensor (decoded once, then kept). Only for splits known to be
@@ -169,12 +187,13 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-               train_crop: TrainCrop | None = None) -> torch.Tensor:
+               train_crop: TrainCrop | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Decode one image file to uint8 (channels, *size); a corrupt file is a one-line ValueError.
 
     Evaluation: shorter side to ``size / crop_pct``, centre crop (crop_pct 1 and a file already at ``size``:
     the pixels as stored). Training (``train_crop``): RandomResizedCrop to ``size`` on the whole image, then a
-    flip, from the global RNG (the dataset seeds it per sample).
+    flip, from the global RNG (the dataset seeds it per sample); window random: the evaluation resize, then a
+    ``size`` crop at a position (and a flip) drawn from ``generator`` (the global RNG when None).
     """
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
@@ -187,7 +206,16 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
                 s = short / min(w, h)
                 im.draft("L" if channels == 1 else "RGB", (math.ceil(w * s), math.ceil(h * s)))
             im = im.convert("L" if channels == 1 else "RGB")
-            if train_crop is not None:
+            if train_crop is not None and train_crop.window == "random":
+                im = TF.resize(im, short, antialias=True)
+                top = int(torch.randint(im.height - size[0] + 1, (), generator=generator))
+                left = int(torch.randint(im.width - size[1] + 1, (), generator=generator))
+                im = TF.crop(im, top, left, size[0], size[1])
+                if train_crop.hflip and torch.rand((), generator=generator) < 0.5:
+                    im = TF.horizontal_flip(im)
+                if train_crop.augment is not None:
+                    im = train_crop.augment(im)
+            elif train_crop is not None:
                 if min(im.size) > short:  # the crop sees no more detail than `short` px across the shorter side
                     im = TF.resize(im, short, antialias=True)
                 mode = v2.InterpolationMode(train_crop.interpolation)

@@ -53,6 +53,12 @@ def pass_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     return epoch_order(n, seed, p, True)[b * batch_size:(b + 1) * batch_size]
 
 
+def crop_seeds(seed: int, draw: int, keys: torch.Tensor) -> torch.Tensor:
+    """Train-time crop seeds (int64, like ``keys``) of the samples ``keys`` at epoch or step ``draw``: a new crop
+    at every draw, the same on every rank and worker and after a resume."""
+    return (seed * 1_000_003 + draw) * 10_000_019 + keys
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
     """Global batches per epoch; a last batch too small to give every rank a sample is dropped."""
     full, rest = divmod(n, batch_size)
@@ -126,8 +132,7 @@ class TorchLoader:
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, persistent_workers=workers > 0,
                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
         if self.dataset.train_crop is not None:  # one crop seed per (seed, epoch, sample)
-            base = (self.seed * 1_000_003 + epoch) * 10_000_019
-            self._sampler.batches = [[(int(i), base + int(i)) for i in b] for b in batches]
+            self._sampler.batches = [list(zip(b.tolist(), crop_seeds(self.seed, epoch, b).tolist())) for b in batches]
         else:
             self._sampler.batches = [b.tolist() for b in batches]
         yield from self._loader
