@@ -52,6 +52,7 @@ from fastdistill.data.deit_augment import BatchAugment, RandAugment, check_augme
 from fastdistill.data.transforms import INTERPOLATIONS, to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.epochs import Position, run_epochs
+from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.engine.seeding import rng_state, set_rng_state
 from fastdistill.eval.attention import write_attention_report
@@ -68,6 +69,7 @@ from fastdistill.teachers import CARD, config_hash, ensure_trained, load_run, tr
 
 ROLES = ("cl", "mim")
 ADAPTATIONS = ("linear", "partial1", "full")
+WEIGHT_DECAY_FILTERS = ("none", "timm")  # timm: no decay on 1-D parameters and no_weight_decay() (DeiT)
 STAGES = ("baseline", "kd")
 
 
@@ -96,6 +98,9 @@ class KDMultiRecipe:
         ref = m.get("lr_reference_batch")
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"method.lr_reference_batch must be an integer >= 1 or null, got {ref!r}")
+        if m.weight_decay_filter not in WEIGHT_DECAY_FILTERS:
+            raise ValueError(f"unknown method.weight_decay_filter {m.weight_decay_filter!r}; expected one of "
+                             f"{', '.join(WEIGHT_DECAY_FILTERS)}")
         if m.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown method.interpolation {m.interpolation!r}; expected one of "
                              f"{', '.join(INTERPOLATIONS)}")
@@ -217,11 +222,13 @@ class KDMultiRecipe:
             if net.model.num_prefix_tokens != self.student.model.num_prefix_tokens:
                 raise ValueError(f"teacher {role} has {net.model.num_prefix_tokens} prefix tokens, the student "
                                  f"{self.student.model.num_prefix_tokens}: their attention rows cannot be matched")
-        params = list(self.student.parameters())
-        if stage == "kd":
-            params += [p for net in self.teachers.values() for p in net.parameters() if p.requires_grad]
-        self.params = params
-        self.optimizer = instantiate(m.optimizer)(params)
+        nets = [self.student.model] + ([net.model for net in self.teachers.values()] if stage == "kd" else [])
+        self.params = [p for net in nets for p in net.parameters() if p.requires_grad]
+        if m.weight_decay_filter == "timm":  # DeiT's create_optimizer; the jointly trained teacher parts likewise
+            groups = [g for net in nets for g in param_groups(net, getattr(net, "no_weight_decay", set)()) if g["params"]]
+            self.optimizer = instantiate(m.optimizer)(groups)
+        else:
+            self.optimizer = instantiate(m.optimizer)(self.params)
         total = m.epochs * self.steps_per_epoch
         ref = m.get("lr_reference_batch")
         peak = m.optimizer.lr * m.batch_size / ref if ref else m.optimizer.lr  # DeiT: 5e-4 per 512 images

@@ -152,6 +152,31 @@ def test_deit_recipe_switches_reach_the_training_step(tmp_path, monkeypatch):
     torch.testing.assert_close(targets[0].sum(1), torch.ones(24), msg="soft targets are distributions")
 
 
+@pytest.mark.parametrize("rule", ["none", "timm"])
+def test_weight_decay_filter_spares_biases_norms_and_tokens(tmp_path, rule):
+    # zero gradients: AdamW's step is then weight decay alone, p <- p (1 - lr wd), on the decayed parameters only
+    recipe = _recipe(tmp_path, f"method.weight_decay_filter={rule}", "method.adaptation=partial1")
+    nets = {"student": recipe.student.model, "mim": recipe.teachers["mim"].model}
+    before = {(n, k): p.detach().clone() for n, net in nets.items() for k, p in net.named_parameters()}
+    for group in recipe.optimizer.param_groups:
+        group["lr"] = 0.1
+    for p in recipe.params:
+        p.grad = torch.zeros_like(p)
+    recipe.optimizer.step()
+    wd = recipe.cfg.method.optimizer.weight_decay
+    for (n, k), p0 in before.items():
+        p = dict(nets[n].named_parameters())[k]
+        if not p.requires_grad:
+            torch.testing.assert_close(p, p0, rtol=0, atol=0, msg=f"{n} {k} is frozen")
+        elif rule == "timm" and (p.ndim <= 1 or k in ("pos_embed", "cls_token")):  # biases, norms, tokens
+            torch.testing.assert_close(p, p0, rtol=0, atol=0, msg=f"{n} {k}: no weight decay")
+        else:
+            torch.testing.assert_close(p, p0 * (1 - 0.1 * wd), msg=f"{n} {k}: decayed")
+    decayed = {k for (n, k), p0 in before.items() if n == "student" and
+               not torch.equal(p0, dict(nets[n].named_parameters())[k])}
+    assert ("pos_embed" in decayed) == (rule == "none") and "blocks.0.attn.qkv.weight" in decayed
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
@@ -199,6 +224,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     ("method.augment.mixup=0.8", ValueError, "method.batch_size 25 must be even with Mixup / CutMix"),
     ("method.augment.randaugment=autoaug", ValueError, "must be a timm RandAugment policy"),
     ("method.interpolation=nearest", ValueError, "unknown method.interpolation 'nearest'"),
+    ("method.weight_decay_filter=deit", ValueError, "unknown method.weight_decay_filter 'deit'"),
     ("method.lr_reference_batch=0", ValueError, "method.lr_reference_batch must be an integer >= 1 or null"),
     ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
      "is not a ViT with qkv attention"),
