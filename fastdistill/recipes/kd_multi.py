@@ -98,6 +98,10 @@ class KDMultiRecipe:
         ref = m.get("lr_reference_batch")
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"method.lr_reference_batch must be an integer >= 1 or null, got {ref!r}")
+        ra = m.repeated_augmentation
+        if isinstance(ra, bool) or not isinstance(ra, int) or ra < 1:
+            raise ValueError(f"method.repeated_augmentation must be an integer >= 1 (copies of each image; 1 = off), "
+                             f"got {ra!r}")
         if m.weight_decay_filter not in WEIGHT_DECAY_FILTERS:
             raise ValueError(f"unknown method.weight_decay_filter {m.weight_decay_filter!r}; expected one of "
                              f"{', '.join(WEIGHT_DECAY_FILTERS)}")
@@ -153,7 +157,7 @@ class KDMultiRecipe:
         mixes = m.augment.mixup > 0 or m.augment.cutmix > 0
         # DeiT drops the last batch; Mixup / CutMix need it (an odd last batch cannot be paired)
         self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=mixes,
-                                   seed=cfg.seed, num_workers=cfg.num_workers)
+                                   seed=cfg.seed, num_workers=cfg.num_workers, repeats=m.repeated_augmentation)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training "

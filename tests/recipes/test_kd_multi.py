@@ -177,6 +177,16 @@ def test_weight_decay_filter_spares_biases_norms_and_tokens(tmp_path, rule):
     assert ("pos_embed" in decayed) == (rule == "none") and "blocks.0.attn.qkv.weight" in decayed
 
 
+def test_repeated_augmentation_feeds_each_image_three_times(tmp_path):
+    recipe = _recipe(tmp_path, "method.repeated_augmentation=3", "method.batch_size=24")
+    x, y = next(iter(recipe.loader.epoch(0)))
+    torch.testing.assert_close(x.view(8, 3, *x.shape[1:]), x[::3, None].expand(8, 3, *x.shape[1:]), rtol=0, atol=0,
+                               msg="three copies of each image in a row, augmented later on the device")
+    assert len(recipe.loader) == 100 // 24 + 1, "an epoch keeps its length"
+    augmented = recipe._augment(x)
+    assert not torch.equal(augmented[0], augmented[1]), "each copy gets its own crop"
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
@@ -224,6 +234,8 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     ("method.augment.mixup=0.8", ValueError, "method.batch_size 25 must be even with Mixup / CutMix"),
     ("method.augment.randaugment=autoaug", ValueError, "must be a timm RandAugment policy"),
     ("method.interpolation=nearest", ValueError, "unknown method.interpolation 'nearest'"),
+    ("method.repeated_augmentation=0", ValueError, "method.repeated_augmentation must be an integer >= 1"),
+    ("loader=ffcv method.repeated_augmentation=3", ValueError, "needs loader=torch"),
     ("method.weight_decay_filter=deit", ValueError, "unknown method.weight_decay_filter 'deit'"),
     ("method.lr_reference_batch=0", ValueError, "method.lr_reference_batch must be an integer >= 1 or null"),
     ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
