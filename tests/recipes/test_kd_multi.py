@@ -187,6 +187,23 @@ def test_repeated_augmentation_feeds_each_image_three_times(tmp_path):
     assert not torch.equal(augmented[0], augmented[1]), "each copy gets its own crop"
 
 
+def test_paper_student_is_vit_tiny_normalised_as_deit():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from fastdistill.models import create_backbone
+
+    cfg = compose(["+method=kd_multi", "preset=paper"])
+    deit = create_backbone(cfg.model, pretrained="none", num_classes=10, **cfg.method.model_kwargs)
+    vit = create_backbone(VIT, pretrained="none", num_classes=10, **cfg.method.model_kwargs)
+    assert str(deit.model) == str(vit.model), "DeiT-Ti is timm's ViT-Tiny/16"
+    assert (deit.spec.mean, deit.spec.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "DeiT's Normalize"
+    assert vit.spec.mean == (0.5, 0.5, 0.5), "the ViT spec would normalise otherwise"
+    x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(deit.normalize(x), (x - mean) / std, msg="student input")
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
