@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fastdistill.data.transforms import INTERPOLATIONS
+
 
 @dataclass(frozen=True)
 class TrainCrop:
@@ -68,6 +70,7 @@ class ImageDataset(torch.utils.data.Dataset):
     name: str = ""
     meta: dict = field(default_factory=dict)
     crop_pct: float = 1.0  # evaluation decode: shorter side to image_size / crop_pct, centre crop
+    interpolation: str = "bilinear"  # of that resize: bilinear | bicubic (DeiT's test images)
     train_crop: TrainCrop | None = None  # set: training decode (random-resized-crop on the original image)
 
     def __post_init__(self):
@@ -75,6 +78,9 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset {self.name!r}: needs images or paths")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct!r} (0.875: timm's default)")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown test image interpolation {self.interpolation!r}; expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         if self.images is not None:
             self.image_size = tuple(self.images.shape[-2:])
             self.channels = self.images.shape[1]
@@ -99,7 +105,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def decode(self, i: int, seed: int | None = None) -> torch.Tensor:
         """Sample ``i`` read from its file: uint8 (channels, *image_size)."""
         if self.train_crop is None:
-            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct)
+            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct,
+                              interpolation=self.interpolation)
         if self.train_crop.window == "random":  # its own generator: take() decodes these on threads
             gen = None if seed is None else torch.Generator().manual_seed(seed)
             return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct, self.train_crop, gen)
@@ -187,11 +194,12 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-               train_crop: TrainCrop | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               train_crop: TrainCrop | None = None, generator: torch.Generator | None = None,
+               interpolation: str = "bilinear") -> torch.Tensor:
     """Decode one image file to uint8 (channels, *size); a corrupt file is a one-line ValueError.
 
-    Evaluation: shorter side to ``size / crop_pct``, centre crop (crop_pct 1 and a file already at ``size``:
-    the pixels as stored). Training (``train_crop``): RandomResizedCrop to ``size`` on the whole image, then a
+    Evaluation: shorter side to ``size / crop_pct`` (``interpolation``), centre crop (crop_pct 1 and a file already
+    at ``size``: the pixels as stored). Training (``train_crop``): RandomResizedCrop to ``size`` on the whole image, then a
     flip, from the global RNG (the dataset seeds it per sample); window random: the evaluation resize, then a
     ``size`` crop at a position (and a flip) drawn from ``generator`` (the global RNG when None).
     """
@@ -226,7 +234,8 @@ def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float
                 if train_crop.augment is not None:
                     im = train_crop.augment(im)
             else:
-                im = TF.center_crop(TF.resize(im, short, antialias=True), list(size))
+                mode = v2.InterpolationMode(interpolation)
+                im = TF.center_crop(TF.resize(im, short, interpolation=mode, antialias=True), list(size))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"corrupt image file '{path}': {e}") from None

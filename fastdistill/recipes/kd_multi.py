@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,9 +106,9 @@ class KDMultiRecipe:
         if m.weight_decay_filter not in WEIGHT_DECAY_FILTERS:
             raise ValueError(f"unknown method.weight_decay_filter {m.weight_decay_filter!r}; expected one of "
                              f"{', '.join(WEIGHT_DECAY_FILTERS)}")
-        if m.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown method.interpolation {m.interpolation!r}; expected one of "
-                             f"{', '.join(INTERPOLATIONS)}")
+        for key in ("interpolation", "test_interpolation"):
+            if m[key] not in INTERPOLATIONS:
+                raise ValueError(f"unknown method.{key} {m[key]!r}; expected one of {', '.join(INTERPOLATIONS)}")
         a = m.augment
         check_augment(a.randaugment, a.random_erasing, a.mixup, a.cutmix)
         if (a.mixup > 0 or a.cutmix > 0) and m.batch_size % 2:
@@ -141,6 +142,9 @@ class KDMultiRecipe:
         # data: the student sees train_per_class labelled images per class (the teachers were trained on all)
         splits = build_dataset(cfg.data)
         self.full_train, self.test_set = splits["train"], splits["test"]
+        if self.test_set.paths is not None and self.test_set.interpolation != m.test_interpolation:
+            # decoded from the files again (cached pixels unused), as DeiT's Resize(bicubic) + CenterCrop
+            self.test_set = replace(self.test_set, images=None, interpolation=m.test_interpolation)
         self.train_set = self.full_train
         if m.train_per_class is not None:
             index = self.full_train.per_class(m.train_per_class, torch.Generator().manual_seed(cfg.seed))

@@ -254,6 +254,24 @@ def test_eval_decode_resizes_the_shorter_side_and_centre_crops(tmp_path):
     assert y[1].mean() > 250 and y[0].max() < 5 and y[2].max() < 5
 
 
+def test_eval_decode_interpolation_is_torchvisions(tmp_path):
+    # DeiT's test transform: Resize(size / 0.875, bicubic) + CenterCrop(size), on the PIL image
+    from torchvision import transforms
+
+    from fastdistill.data.dataset import ImageDataset, read_image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        ref = transforms.Compose([transforms.Resize(19, interpolation=transforms.InterpolationMode.BICUBIC),
+                                  transforms.CenterCrop(16), transforms.PILToTensor()])(im.convert("RGB"))
+    x = read_image(tmp_path / "a.png", (16, 16), 3, crop_pct=0.875, interpolation="bicubic")
+    torch.testing.assert_close(x, ref, rtol=0, atol=0, msg="bicubic test decode")
+    assert not torch.equal(read_image(tmp_path / "a.png", (16, 16), 3, crop_pct=0.875), ref), "bilinear differs"
+    with pytest.raises(ValueError, match="unknown test image interpolation 'nearest'"):
+        ImageDataset(labels=torch.zeros(1, dtype=torch.long), classes=["a"], paths=[tmp_path / "a.png"],
+                     image_size=(16, 16), interpolation="nearest")
+
+
 def test_train_decode_sees_the_whole_image_and_is_seeded_per_sample(tmp_path):
     from fastdistill.data.dataset import ImageDataset, TrainCrop
 

@@ -204,6 +204,28 @@ def test_paper_student_is_vit_tiny_normalised_as_deit():
     torch.testing.assert_close(deit.normalize(x), (x - mean) / std, msg="student input")
 
 
+def test_test_images_are_decoded_again_with_the_test_interpolation(tmp_path):
+    from fastdistill.data.dataset import read_image
+    from fastdistill.data.rehearsal import write_jpeg_folder
+
+    folder = write_jpeg_folder(tmp_path / "data", classes=2, per_class=3, test_per_class=2, sizes=(30, 50))
+    args = [*(a for a in SMALL if not a.startswith("data.")), *_teachers(), "data=imagefolder", f"data.root={folder}",
+            "data.image_size=28", "data.cache=true", "method.train_per_class=3", "method.batch_size=6"]
+
+    def test_set(name, *extra):
+        recipe = kd_multi.KDMultiRecipe(compose([*args, f"out={tmp_path / name}", *extra]))
+        recipe.setup()
+        return recipe.test_set
+
+    cached = test_set("a")
+    assert cached.images is not None, "bilinear: the cached split as it is"
+    test = test_set("b", "method.test_interpolation=bicubic")
+    assert test.images is None and test.interpolation == "bicubic" and test.crop_pct == 0.875
+    torch.testing.assert_close(test[0][0], read_image(test.paths[0], (28, 28), 3, 0.875, interpolation="bicubic"),
+                               rtol=0, atol=0, msg="test image decoded with the bicubic resize")
+    assert not torch.equal(test[0][0], cached[0][0]), "bicubic and bilinear test images differ"
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
@@ -253,6 +275,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     ("method.interpolation=nearest", ValueError, "unknown method.interpolation 'nearest'"),
     ("method.repeated_augmentation=0", ValueError, "method.repeated_augmentation must be an integer >= 1"),
     ("loader=ffcv method.repeated_augmentation=3", ValueError, "needs loader=torch"),
+    ("method.test_interpolation=nearest", ValueError, "unknown method.test_interpolation 'nearest'"),
     ("method.weight_decay_filter=deit", ValueError, "unknown method.weight_decay_filter 'deit'"),
     ("method.lr_reference_batch=0", ValueError, "method.lr_reference_batch must be an integer >= 1 or null"),
     ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
