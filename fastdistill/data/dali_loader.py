@@ -3,9 +3,9 @@
 The batches are TorchLoader's (``epoch_order``), so ``loader=dali`` and ``loader=torch`` see the same samples in
 the same order. Decoded images pass through as they are; files are fed encoded and DALI decodes them on its CPU
 threads the way the torch loader's evaluation decode does: the same resize and centre crop, read from each file's
-header (``eval_geometry``), with DALI's antialiased linear resampling instead of PIL's (a few grey levels apart;
-more where PIL decodes a JPEG at a reduced DCT scale and DALI at full size). Needs the ``dali`` extra; runs without
-a GPU (``device_id=None``, PLATFORM.md "Data loaders").
+header (``eval_geometry``), with DALI's antialiased linear or cubic resampling (the dataset's ``interpolation``)
+instead of PIL's (within a grey level or so; more where PIL decodes a JPEG at a reduced DCT scale and DALI at full
+size). Needs the ``dali`` extra; runs without a GPU (``device_id=None``, PLATFORM.md "Data loaders").
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ class DALILoader:
         """Encoded files -> uint8 (C, H, W): the evaluation decode of ``ImageDataset`` (resize, centre crop)."""
         ds = self.dataset
         x = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY if ds.channels == 1 else types.RGB)
-        x = fn.resize(x, size=resized, antialias=True)
+        mode = types.INTERP_CUBIC if ds.interpolation == "bicubic" else types.INTERP_LINEAR
+        x = fn.resize(x, size=resized, interp_type=mode, antialias=True)
         x = fn.slice(x, start=start, shape=list(ds.image_size), axes=[0, 1])
         return fn.transpose(x, perm=[2, 0, 1])
 

@@ -7,8 +7,9 @@ and decode only those (:meth:`take`, or a loader over :meth:`subset`).
 
 Files are decoded the way torchvision / timm pipelines do it, never squashed to a square:
 - evaluation (default): resize the shorter side to ``image_size / crop_pct``, centre-crop ``image_size``;
-- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio, or several
-  (DINO's multi-crop views), each drawn from the one decoded file.
+- training (:meth:`train_view`): a random-resized-crop drawn on the whole image at its own aspect ratio, or
+  (``TrainCrop(window="random")``) the evaluation resize with the ``image_size`` crop at a random position; or
+  several such crops (DINO's multi-crop views), each drawn from the one decoded file.
 JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) when that still leaves the shorter side at least
 ``image_size / crop_pct`` (PIL ``draft``, the bounded decode of DALI/FFCV pipelines): a 2000 px photo costs
 what a 500 px one does.
@@ -25,19 +26,31 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fastdistill.data.transforms import INTERPOLATIONS
+
 
 @dataclass(frozen=True)
 class TrainCrop:
-    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image to ``size`` (None: the dataset's
-    ``image_size``), then a flip with p 0.5, then ``augment`` (a PIL transform such as DeiT's RandAugment,
-    ``data/deit_augment.py``) where given."""
+    """Train-time decode: RandomResizedCrop(scale, ratio) on the original image (``window`` random_resized) or
+    the shorter side to ``size / crop_pct`` and a ``size`` crop at a random position (``window`` random:
+    torchvision's RandomCrop, the published LGM loader), then a flip with p 0.5, then ``augment`` (a PIL transform
+    such as DeiT's RandAugment, ``data/deit_augment.py``) where given. ``size``: None is the dataset's
+    ``image_size`` (a multi-crop's views set their own)."""
 
+    window: str = "random_resized"  # or random (scale, ratio and interpolation are unused)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     interpolation: str = "bilinear"  # or bicubic (the published DINO, MAE and DeiT crops)
     augment: Callable[[Image.Image], Image.Image] | None = None
     size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.window not in TRAIN_WINDOWS:
+            raise ValueError(f"unknown train crop window {self.window!r}; expected one of {', '.join(TRAIN_WINDOWS)}")
+
+
+TRAIN_WINDOWS = ("random_resized", "random")
 
 
 @dataclass
@@ -61,6 +74,7 @@ class ImageDataset(torch.utils.data.Dataset):
     name: str = ""
     meta: dict = field(default_factory=dict)
     crop_pct: float = 1.0  # evaluation decode: shorter side to image_size / crop_pct, centre crop
+    interpolation: str = "bilinear"  # of that resize: bilinear | bicubic (DeiT's test images)
     # set: training decode (random-resized-crop on the original image); a tuple: one view per crop (multi-crop)
     train_crop: TrainCrop | tuple[TrainCrop, ...] | None = None
 
@@ -69,6 +83,9 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset {self.name!r}: needs images or paths")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct!r} (0.875: timm's default)")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown test image interpolation {self.interpolation!r}; expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         if self.images is not None:
             self.image_size = tuple(self.images.shape[-2:])
             self.channels = self.images.shape[1]
@@ -94,8 +111,13 @@ class ImageDataset(torch.utils.data.Dataset):
         """Sample ``i`` read from its file: uint8 (channels, *image_size), or with a tuple of train crops the list
         of its views, uint8 (channels, *crop.size) each, all drawn from one decode of the file."""
         if self.train_crop is None:
-            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct)
-        crops = self.train_crop if isinstance(self.train_crop, tuple) else (self.train_crop,)
+            return read_image(self.paths[i], self.image_size, self.channels, self.crop_pct,
+                              interpolation=self.interpolation)
+        crops = self.train_crops()
+        if all(c.window == "random" for c in crops):  # its own generator: take() decodes these on threads
+            gen = None if seed is None else torch.Generator().manual_seed(seed)
+            views = read_views(self.paths[i], self.image_size, self.channels, self.crop_pct, crops, gen)
+            return views if isinstance(self.train_crop, tuple) else views[0]
         # fork: a seeded crop must not reset the caller's global stream (the main process decodes in take())
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -103,16 +125,25 @@ class ImageDataset(torch.utils.data.Dataset):
             views = read_views(self.paths[i], self.image_size, self.channels, self.crop_pct, crops)
         return views if isinstance(self.train_crop, tuple) else views[0]
 
-    def take(self, index: torch.Tensor) -> torch.Tensor:
+    def train_crops(self) -> tuple[TrainCrop, ...]:
+        """The train-time crops of a sample (none: evaluation decode)."""
+        if self.train_crop is None:
+            return ()
+        return self.train_crop if isinstance(self.train_crop, tuple) else (self.train_crop,)
+
+    def take(self, index: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """The images at ``index`` (int64 (n,)) as uint8 (n, C, H, W): only those files are decoded (by a few
-        threads: PIL releases the GIL while it decodes)."""
+        threads: PIL releases the GIL while it decodes). ``seeds`` (int64 (n,)) seed each train-time crop."""
         if self.images is not None:
             return self.images[index]
         ids = index.tolist()
-        if len(ids) < 8:
-            return torch.stack([self.decode(i) for i in ids]) if ids else \
-                torch.zeros(0, self.channels, *self.image_size, dtype=torch.uint8)
-        return torch.stack(list(_pool().map(self.decode, ids)))
+        keys = ids if seeds is None else list(zip(ids, seeds.tolist()))
+        if not keys:
+            return torch.zeros(0, self.channels, *self.image_size, dtype=torch.uint8)
+        # the random-resized window seeds the global RNG: decoded one at a time (its loaders use processes)
+        serial = len(keys) < 8 or (seeds is not None and any(c.window == "random_resized" for c in self.train_crops()))
+        images = (self[k][0] for k in keys) if serial else (x for x, _ in _pool().map(self.__getitem__, keys))
+        return torch.stack(list(images))
 
     def load_all(self) -> torch.Tensor:
         """All images as one uint8 (N, C, H, W) tensor (decoded once, then kept). Only for splits known to be
@@ -178,29 +209,33 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def read_image(path: Path, size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-               train_crop: TrainCrop | None = None) -> torch.Tensor:
+               train_crop: TrainCrop | None = None, generator: torch.Generator | None = None,
+               interpolation: str = "bilinear") -> torch.Tensor:
     """Decode one image file to uint8 (channels, *size); a corrupt file is a one-line ValueError.
 
-    Evaluation: shorter side to ``size / crop_pct``, centre crop (crop_pct 1 and a file already at ``size``:
-    the pixels as stored). Training (``train_crop``): as :func:`read_views` with that one crop.
+    Evaluation: shorter side to ``size / crop_pct`` (``interpolation``), centre crop (crop_pct 1 and a file already
+    at ``size``: the pixels as stored). Training (``train_crop``): as :func:`read_views` with that one crop.
     """
+    from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
 
     if train_crop is not None:
-        return read_views(path, size, channels, crop_pct, (train_crop,))[0]
+        return read_views(path, size, channels, crop_pct, (train_crop,), generator)[0]
     short = math.ceil(min(size) / crop_pct)
     im = _open(path, channels, short)
-    return _to_tensor(TF.center_crop(TF.resize(im, short, antialias=True), list(size)), channels)
+    mode = v2.InterpolationMode(interpolation)
+    return _to_tensor(TF.center_crop(TF.resize(im, short, interpolation=mode, antialias=True), list(size)), channels)
 
 
-def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float,
-               crops: tuple[TrainCrop, ...]) -> list[torch.Tensor]:
-    """One decode of the file, then per crop a RandomResizedCrop of the whole image to ``crop.size`` (default
-    ``size``), a flip and ``crop.augment``, from the global RNG (the dataset seeds it per sample): uint8
-    (channels, *crop.size) each.
+def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float, crops: tuple[TrainCrop, ...],
+               generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One decode of the file, then per crop its window at ``crop.size`` (default ``size``), a flip and
+    ``crop.augment``: uint8 (channels, *crop.size) each. A random-resized window (RandomResizedCrop on the whole
+    image) draws from the global RNG (the dataset seeds it per sample); a random window (the evaluation resize, then
+    a crop at a random position, and its flip) from ``generator`` (the global RNG when None).
 
-    The image is first brought down to a shorter side of ``largest view / crop_pct`` when it is larger: a crop
-    sees no more detail than that, and a multi-crop's views share the one resize.
+    For random-resized windows the image is first brought down to a shorter side of ``largest view / crop_pct``
+    when it is larger: a crop sees no more detail than that, and a multi-crop's views share the one resize.
     """
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
@@ -208,13 +243,20 @@ def read_views(path: Path, size: tuple[int, int], channels: int, crop_pct: float
     sizes = [tuple(c.size) if c.size is not None else tuple(size) for c in crops]
     short = math.ceil(max(min(s) for s in sizes) / crop_pct)
     im = _open(path, channels, short)
-    if min(im.size) > short:
-        im = TF.resize(im, short, antialias=True)
+    bounded = None
     views = []
     for crop, s in zip(crops, sizes):
-        v = v2.RandomResizedCrop(list(s), scale=crop.scale, ratio=crop.ratio,
-                                 interpolation=v2.InterpolationMode(crop.interpolation), antialias=True)(im)
-        if crop.hflip and torch.rand(()) < 0.5:
+        if crop.window == "random":
+            r = TF.resize(im, math.ceil(min(s) / crop_pct), antialias=True)
+            top = int(torch.randint(r.height - s[0] + 1, (), generator=generator))
+            left = int(torch.randint(r.width - s[1] + 1, (), generator=generator))
+            v = TF.crop(r, top, left, s[0], s[1])
+        else:
+            if bounded is None:
+                bounded = TF.resize(im, short, antialias=True) if min(im.size) > short else im
+            v = v2.RandomResizedCrop(list(s), scale=crop.scale, ratio=crop.ratio,
+                                     interpolation=v2.InterpolationMode(crop.interpolation), antialias=True)(bounded)
+        if crop.hflip and torch.rand((), generator=generator) < 0.5:
             v = TF.horizontal_flip(v)
         if crop.augment is not None:
             v = crop.augment(v)

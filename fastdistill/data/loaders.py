@@ -39,6 +39,16 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def repeat_order(order: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each sample of ``order`` ``repeats`` times in a
+    row, cut to the epoch's length, so an epoch takes as many steps and sees about 1 / repeats of the samples.
+    Returns the order and each entry's crop key (sample * repeats + copy: every copy is cropped anew), int64."""
+    n = order.numel()
+    copies = torch.arange(n * repeats) % repeats
+    order = order.repeat_interleave(repeats)
+    return order[:n], (order * repeats + copies)[:n]
+
+
 def pass_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """The sample indices of batch ``step`` of an endless stream of shuffled passes, int64 (batch_size,): what a
     shuffled ``DataLoader`` with ``drop_last`` yields when it is re-iterated whenever it runs out. Pass p is
@@ -51,6 +61,12 @@ def pass_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
         return torch.cat([epoch_order(n, seed, step * passes + k, True) for k in range(passes)])[:batch_size]
     p, b = divmod(step, per_pass)
     return epoch_order(n, seed, p, True)[b * batch_size:(b + 1) * batch_size]
+
+
+def crop_seeds(seed: int, draw: int, keys: torch.Tensor) -> torch.Tensor:
+    """Train-time crop seeds (int64, like ``keys``) of the samples ``keys`` at epoch or step ``draw``: a new crop
+    at every draw, the same on every rank and worker and after a resume."""
+    return (seed * 1_000_003 + draw) * 10_000_019 + keys
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
@@ -92,11 +108,13 @@ class TorchLoader:
     """Plain PyTorch: direct indexing of decoded images, or a persistent ``DataLoader`` over files with workers."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1):
+                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1, repeats: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeated augmentation must be an integer >= 1 (copies per sample), got {repeats!r}")
         check_world(batch_size, world_size)
-        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.dataset, self.batch_size, self.shuffle, self.repeats = dataset, batch_size, shuffle, repeats
         self.drop_last, self.seed, self.num_workers = drop_last, seed, resolve_workers(num_workers)
         self.rank, self.world_size = rank, world_size
         self._loader = None  # built at the first epoch over files
@@ -106,13 +124,21 @@ class TorchLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][:len(self)]
-        parts = [shard(len(b), self.rank, self.world_size) for b in batches]
-        yield from self.iterate([b[p.start:p.stop] for b, p in zip(batches, parts)][start:], epoch)
+        order, keys = repeat_order(order, self.repeats) if self.repeats > 1 else (order, order)
+        # the global order is cut into global batches, then each rank takes its slice: the samples of a step do not
+        # depend on the number of ranks (DeiT's RASampler deals an image's copies to different GPUs instead; their
+        # global batch is the same, and the ViT students have no batch statistics that would tell them apart)
+        mine = []
+        for i in range(0, len(order), self.batch_size)[start:len(self)]:
+            part = shard(min(self.batch_size, len(order) - i), self.rank, self.world_size)
+            mine.append(slice(i + part.start, i + part.stop))
+        yield from self.iterate([order[s] for s in mine], epoch, [keys[s] for s in mine])
 
-    def iterate(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, batches: list[torch.Tensor], epoch: int = 0,
+                keys: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The given batches (int64 index tensors) in order, through the same workers: for callers that draw their
-        own order (the student and probe trainers keep the generator stream they always had)."""
+        own order (the student and probe trainers keep the generator stream they always had). ``keys`` (like
+        ``batches``; default the indices) seed the train-time crops."""
         if self.dataset.images is not None:
             for idx in batches:
                 yield self.dataset.images[idx], self.dataset.labels[idx]
@@ -126,8 +152,8 @@ class TorchLoader:
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, persistent_workers=workers > 0,
                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
         if self.dataset.train_crop is not None:  # one crop seed per (seed, epoch, sample)
-            base = (self.seed * 1_000_003 + epoch) * 10_000_019
-            self._sampler.batches = [[(int(i), base + int(i)) for i in b] for b in batches]
+            self._sampler.batches = [list(zip(b.tolist(), crop_seeds(self.seed, epoch, k).tolist()))
+                                     for b, k in zip(batches, batches if keys is None else keys)]
         else:
             self._sampler.batches = [b.tolist() for b in batches]
         yield from self._loader
@@ -152,11 +178,14 @@ class RankSlice:
 
 
 def build_loader(name: str, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1) -> Loader:
-    """The loader ``name`` over ``dataset``, yielding this rank's slice of each global batch; optional loaders
-    fail with the extra to install."""
+                 seed: int = 0, num_workers="auto", rank: int = 0, world_size: int = 1, repeats: int = 1) -> Loader:
+    """The loader ``name`` over ``dataset``, yielding this rank's slice of each global batch (``repeats`` copies of
+    each sample in a row: repeated augmentation, torch loader only); optional loaders fail with the extra to
+    install."""
     if name == "torch":
-        return TorchLoader(dataset, batch_size, shuffle, drop_last, seed, num_workers, rank, world_size)
+        return TorchLoader(dataset, batch_size, shuffle, drop_last, seed, num_workers, rank, world_size, repeats)
+    if repeats != 1:
+        raise ValueError(f"repeated augmentation ({repeats} copies) needs loader=torch, got loader={name!r}")
     if name == "ffcv":
         from fastdistill.data.ffcv_loader import FFCVLoader as cls
     elif name == "dali":

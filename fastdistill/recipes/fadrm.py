@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +163,7 @@ class FADRMRecipe:
                          f"kernels here; the recovery runs under {self.mpt} instead")
         check_student_config(self.student_config())  # before any recovery
         self.out = RunDir(cfg.out)
-        self.label_stats, self.ddranking_result = {}, None  # filled by evaluate
+        self.label_stats, self.ddranking_result, self.student_seeds = {}, None, {}  # filled by evaluate
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -522,7 +523,7 @@ class FADRMRecipe:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         cfg, e = self.cfg, self.cfg.method.eval
-        self.label_stats, self.ddranking_result = {}, None
+        self.label_stats, self.ddranking_result, self.student_seeds = {}, None, {}
         if self.ddranking:  # eval=ddranking replaces the students table
             distilled = read_distilled(self.out.path, self.classes, self.channels)
             with self.profiler.phase("evaluate"):
@@ -532,25 +533,30 @@ class FADRMRecipe:
             return {}
         scfg = self.student_config()
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
-        sets = {"synthetic": read_distilled(self.out.path, self.classes, self.channels)}
-        if e.real_random:
-            g = torch.Generator().manual_seed(cfg.seed)
-            sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
+        synthetic = read_distilled(self.out.path, self.classes, self.channels)
         students, m = {}, cfg.method
         with self.profiler.phase("evaluate"):
             for i, arch in enumerate(e.students):
-                students[arch] = {}
-                for name, images in sets.items():
-                    # the same seed for both sets: the same initial student and augmentation stream
-                    seed = cfg.seed + 1000 * i
-                    stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
-                    r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
-                                      self.device, self.precision, seed=seed,
-                                      model_kwargs=self.stem_kwargs(arch, self.image_size),
-                                      num_workers=cfg.num_workers, progress=cfg.progress,
-                                      description=f"student {arch} on {name}", stored_labels=stored,
-                                      log=self.out.log, phase=f"student/{arch}/{name}")
-                    students[arch][name] = r["test_acc"]
+                runs: dict[str, list[float]] = {}
+                for k in range(int(e.get("seeds", 1))):
+                    sets = {"synthetic": synthetic}
+                    if e.real_random:  # a new random draw per seed: its spread is part of the baseline's
+                        g = torch.Generator().manual_seed(cfg.seed + k)
+                        sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
+                    for name, images in sets.items():
+                        # the same seed for both sets: the same initial student and augmentation stream
+                        seed = cfg.seed + 1000 * i + k
+                        stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
+                        r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
+                                          self.device, self.precision, seed=seed,
+                                          model_kwargs=self.stem_kwargs(arch, self.image_size),
+                                          num_workers=cfg.num_workers, progress=cfg.progress,
+                                          description=f"student {arch} on {name}", stored_labels=stored,
+                                          log=self.out.log, phase=f"student/{arch}/{name}")
+                        runs.setdefault(name, []).append(r["test_acc"])
+                students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
+                self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
+                                            for name, accs in runs.items()}
         return students
 
     def student_config(self) -> StudentConfig:
@@ -615,6 +621,8 @@ class FADRMRecipe:
         metrics["label_bytes_per_image"] = synthetic[0]["bytes_per_image"] if synthetic else 0.0
         if self.label_stats:
             metrics["stored_labels"] = self.label_stats
+        if any(len(r["per_seed"]) > 1 for runs in self.student_seeds.values() for r in runs.values()):
+            metrics["student_seeds"] = self.student_seeds  # students: the means; here every seed and the std
         if self.ddranking_result is not None:
             metrics["ddranking"] = self.ddranking_result
         self.out.write_json("metrics.json", metrics)
@@ -640,7 +648,13 @@ def main(cfg: DictConfig) -> dict:
     if recipe.ddranking_result is not None:
         print_result(recipe.ddranking_result, f"{cfg.method.variant} ipc {cfg.ipc} on {cfg.data.name}", recipe.out.path)
         return metrics
-    rows = [[arch, r["synthetic"], r.get("real_random", float("nan"))] for arch, r in students.items()]
+    spread = metrics.get("student_seeds", {})
+
+    def cell(arch, name):
+        if name not in students[arch]:
+            return float("nan")
+        return f"{students[arch][name]:.4f} ± {spread[arch][name]['std']:.4f}" if spread else students[arch][name]
+    rows = [[arch, cell(arch, "synthetic"), cell(arch, "real_random")] for arch in students]
     console.print_results(f"{cfg.method.variant} ipc {cfg.ipc} on {cfg.data.name}: student test accuracy",
                           ["student", cfg.method.variant, "random real"], rows, recipe.out.path)
     return metrics

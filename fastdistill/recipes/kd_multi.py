@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from fastdistill.data.deit_augment import BatchAugment, RandAugment, check_augme
 from fastdistill.data.transforms import INTERPOLATIONS, to_input, train_augment
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine.epochs import Position, run_epochs
+from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.engine.seeding import rng_state, set_rng_state
 from fastdistill.eval.attention import write_attention_report
@@ -68,6 +70,7 @@ from fastdistill.teachers import CARD, config_hash, ensure_trained, load_run, tr
 
 ROLES = ("cl", "mim")
 ADAPTATIONS = ("linear", "partial1", "full")
+WEIGHT_DECAY_FILTERS = ("none", "timm")  # timm: no decay on 1-D parameters and no_weight_decay() (DeiT)
 STAGES = ("baseline", "kd")
 
 
@@ -96,9 +99,16 @@ class KDMultiRecipe:
         ref = m.get("lr_reference_batch")
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"method.lr_reference_batch must be an integer >= 1 or null, got {ref!r}")
-        if m.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown method.interpolation {m.interpolation!r}; expected one of "
-                             f"{', '.join(INTERPOLATIONS)}")
+        ra = m.repeated_augmentation
+        if isinstance(ra, bool) or not isinstance(ra, int) or ra < 1:
+            raise ValueError(f"method.repeated_augmentation must be an integer >= 1 (copies of each image; 1 = off), "
+                             f"got {ra!r}")
+        if m.weight_decay_filter not in WEIGHT_DECAY_FILTERS:
+            raise ValueError(f"unknown method.weight_decay_filter {m.weight_decay_filter!r}; expected one of "
+                             f"{', '.join(WEIGHT_DECAY_FILTERS)}")
+        for key in ("interpolation", "test_interpolation"):
+            if m[key] not in INTERPOLATIONS:
+                raise ValueError(f"unknown method.{key} {m[key]!r}; expected one of {', '.join(INTERPOLATIONS)}")
         a = m.augment
         check_augment(a.randaugment, a.random_erasing, a.mixup, a.cutmix)
         if (a.mixup > 0 or a.cutmix > 0) and m.batch_size % 2:
@@ -132,6 +142,9 @@ class KDMultiRecipe:
         # data: the student sees train_per_class labelled images per class (the teachers were trained on all)
         splits = build_dataset(cfg.data)
         self.full_train, self.test_set = splits["train"], splits["test"]
+        if self.test_set.paths is not None and self.test_set.interpolation != m.test_interpolation:
+            # decoded from the files again (cached pixels unused), as DeiT's Resize(bicubic) + CenterCrop
+            self.test_set = replace(self.test_set, images=None, interpolation=m.test_interpolation)
         self.train_set = self.full_train
         if m.train_per_class is not None:
             index = self.full_train.per_class(m.train_per_class, torch.Generator().manual_seed(cfg.seed))
@@ -148,7 +161,7 @@ class KDMultiRecipe:
         mixes = m.augment.mixup > 0 or m.augment.cutmix > 0
         # DeiT drops the last batch; Mixup / CutMix need it (an odd last batch cannot be paired)
         self.loader = build_loader(cfg.loader, train, m.batch_size, shuffle=True, drop_last=mixes,
-                                   seed=cfg.seed, num_workers=cfg.num_workers)
+                                   seed=cfg.seed, num_workers=cfg.num_workers, repeats=m.repeated_augmentation)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"method.batch_size {m.batch_size} is larger than the {len(self.train_set)} training "
@@ -217,11 +230,13 @@ class KDMultiRecipe:
             if net.model.num_prefix_tokens != self.student.model.num_prefix_tokens:
                 raise ValueError(f"teacher {role} has {net.model.num_prefix_tokens} prefix tokens, the student "
                                  f"{self.student.model.num_prefix_tokens}: their attention rows cannot be matched")
-        params = list(self.student.parameters())
-        if stage == "kd":
-            params += [p for net in self.teachers.values() for p in net.parameters() if p.requires_grad]
-        self.params = params
-        self.optimizer = instantiate(m.optimizer)(params)
+        nets = [self.student.model] + ([net.model for net in self.teachers.values()] if stage == "kd" else [])
+        self.params = [p for net in nets for p in net.parameters() if p.requires_grad]
+        if m.weight_decay_filter == "timm":  # DeiT's create_optimizer; the jointly trained teacher parts likewise
+            groups = [g for net in nets for g in param_groups(net, getattr(net, "no_weight_decay", set)()) if g["params"]]
+            self.optimizer = instantiate(m.optimizer)(groups)
+        else:
+            self.optimizer = instantiate(m.optimizer)(self.params)
         total = m.epochs * self.steps_per_epoch
         ref = m.get("lr_reference_batch")
         peak = m.optimizer.lr * m.batch_size / ref if ref else m.optimizer.lr  # DeiT: 5e-4 per 512 images

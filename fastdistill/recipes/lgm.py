@@ -39,7 +39,8 @@ from fastdistill import console
 from fastdistill.artifacts import RunDir, to_uint8
 from fastdistill.data import ImageDataset, build_dataset
 from fastdistill.data import views
-from fastdistill.data.loaders import pass_batch
+from fastdistill.data.dataset import TrainCrop
+from fastdistill.data.loaders import crop_seeds, pass_batch
 from fastdistill.data.transforms import check_crop_scale, to_input
 from fastdistill.engine import Precision, resolve_device, resume_checkpoint, save_checkpoint, seed_everything
 from fastdistill.engine import distributed as dist
@@ -59,6 +60,7 @@ from fastdistill.teachers import frozen_backbone
 
 PARAMETRIZATIONS = ("pyramid", "pixels")
 INITS = ("noise", "real")
+REAL_CROPS = ("center", "random")
 HEAD_STD = 0.01  # W ~ N(0, 0.01^2), b = 0: a fresh random head every step (published)
 
 def _as_list(value, n: int, key: str) -> list:
@@ -74,15 +76,15 @@ class RealBatch:
     """A step's real images, decoded when a slice of them is used: the two-pass step holds one chunk at a time
     (ImageNet-1k at 10 augmentations draws 10,000 real images per step: 6 GB as fp32 at 224 px)."""
 
-    def __init__(self, recipe: "LGMRecipe", index: torch.Tensor):
-        self.recipe, self.index = recipe, index
+    def __init__(self, recipe: "LGMRecipe", index: torch.Tensor, seeds: torch.Tensor):
+        self.recipe, self.index, self.seeds = recipe, index, seeds
 
     def __len__(self) -> int:
         return self.index.numel()
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         r = self.recipe
-        x = r.train_set.take(self.index[rows])  # image folders: only these files are decoded
+        x = r.real_set.take(self.index[rows], self.seeds[rows])  # image folders: only these files are decoded
         return to_input(x.to(r.device, non_blocking=True), r.image_size, r.channels)
 
 
@@ -122,6 +124,8 @@ class LGMRecipe:
         budget = m.get("memory_budget_mib")
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ValueError(f"method.memory_budget_mib must be a number of MiB > 0 or null, got {budget!r}")
+        if m.get("real_crop", "center") not in REAL_CROPS:
+            raise ValueError(f"unknown method.real_crop {m.real_crop!r}; expected one of {', '.join(REAL_CROPS)}")
         check = m.get("replica_check_every", 0)
         if not isinstance(check, int) or isinstance(check, bool) or check < 0:
             raise ValueError(f"method.replica_check_every must be an integer >= 0 (steps; 0 = only at the end), "
@@ -149,7 +153,11 @@ class LGMRecipe:
         with self.profiler.phase("backbones"):
             backbones, self.backbone_cards = self._load_backbones()
         self.prepare(backbones, tuple(self.train_set.image_size), self.train_set.channels, len(self.classes))
-        # real images stay uint8 on the host until a batch is drawn (decoded datasets: one tensor)
+        # real images stay uint8 on the host until a batch is drawn (decoded datasets: one tensor); image folders
+        # decode the centre square, or (real_crop random, published) a square at a new position at every draw
+        self.real_set = self.train_set
+        if cfg.method.get("real_crop", "center") == "random":
+            self.real_set = self.train_set.train_view(TrainCrop(window="random", hflip=False))
         self.real_labels = self.train_set.labels
         if cfg.resume:
             self.load_checkpoint()
@@ -244,7 +252,8 @@ class LGMRecipe:
         drop_last; every rank computes all n indices (a function of seed and step) and keeps ``rows`` of them. The
         images are decoded when a chunk of them is used (:class:`RealBatch`)."""
         idx = pass_batch(len(self.real_labels), n, self.cfg.seed, self.step)[rows]
-        return RealBatch(self, idx), self.real_labels[idx].to(self.device)
+        seeds = crop_seeds(self.cfg.seed, self.step, torch.arange(n)[rows])  # method.real_crop random: per draw
+        return RealBatch(self, idx, seeds), self.real_labels[idx].to(self.device)
 
     def draw_views(self, n: int) -> dict[str, torch.Tensor]:
         m = self.cfg.method

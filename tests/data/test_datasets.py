@@ -254,6 +254,24 @@ def test_eval_decode_resizes_the_shorter_side_and_centre_crops(tmp_path):
     assert y[1].mean() > 250 and y[0].max() < 5 and y[2].max() < 5
 
 
+def test_eval_decode_interpolation_is_torchvisions(tmp_path):
+    # DeiT's test transform: Resize(size / 0.875, bicubic) + CenterCrop(size), on the PIL image
+    from torchvision import transforms
+
+    from fastdistill.data.dataset import ImageDataset, read_image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        ref = transforms.Compose([transforms.Resize(19, interpolation=transforms.InterpolationMode.BICUBIC),
+                                  transforms.CenterCrop(16), transforms.PILToTensor()])(im.convert("RGB"))
+    x = read_image(tmp_path / "a.png", (16, 16), 3, crop_pct=0.875, interpolation="bicubic")
+    torch.testing.assert_close(x, ref, rtol=0, atol=0, msg="bicubic test decode")
+    assert not torch.equal(read_image(tmp_path / "a.png", (16, 16), 3, crop_pct=0.875), ref), "bilinear differs"
+    with pytest.raises(ValueError, match="unknown test image interpolation 'nearest'"):
+        ImageDataset(labels=torch.zeros(1, dtype=torch.long), classes=["a"], paths=[tmp_path / "a.png"],
+                     image_size=(16, 16), interpolation="nearest")
+
+
 def test_train_decode_sees_the_whole_image_and_is_seeded_per_sample(tmp_path):
     from fastdistill.data.dataset import ImageDataset, TrainCrop
 
@@ -266,7 +284,6 @@ def test_train_decode_sees_the_whole_image_and_is_seeded_per_sample(tmp_path):
     blue = (crops[:, 2] > 128).float().mean((1, 2)) > 0.9
     assert red.any() and blue.any(), "small crops land on the borders a centre crop would cut off"
     torch.testing.assert_close(ds[(2, 7)][0], ds[(2, 7)][0], msg="one seed, one crop")
-
 
 
 def test_multi_crop_decode_gives_each_view_its_size_and_augment(tmp_path):
@@ -282,6 +299,36 @@ def test_multi_crop_decode_gives_each_view_its_size_and_augment(tmp_path):
     assert [tuple(v.shape) for v in views] == [(3, 16, 16), (3, 16, 16), (3, 8, 8)]
     assert not torch.equal(views[0], views[1]), "each view draws its own crop"
     assert (views[2] == 7).all(), "a view's augment runs after its crop"
+
+
+def test_random_window_is_the_eval_resize_cropped_at_a_seeded_position(tmp_path):
+    # Resize(short) + RandomCrop(size) (the published LGM loader): every crop is a window of the resized image,
+    # positions vary with the seed, and the threaded take() gives what one-at-a-time decoding gives
+    from fastdistill.data.dataset import ImageDataset, TrainCrop, read_image
+    from torchvision.transforms.v2 import functional as TF
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 64, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    paths = [tmp_path / "wide.png"] * 12
+    base = ImageDataset(labels=torch.zeros(12, dtype=torch.long), classes=["a"], paths=paths, image_size=(16, 16))
+    ds = base.train_view(TrainCrop(window="random", hflip=False))
+    with Image.open(tmp_path / "wide.png") as im:
+        full = torch.from_numpy(np.array(TF.resize(im.convert("RGB"), 16, antialias=True))).permute(2, 0, 1)
+    assert full.shape == (3, 16, 42)
+    seeds = torch.arange(12) * 7 + 3
+    crops = ds.take(torch.arange(12), seeds)
+    lefts = set()
+    for x in crops:
+        match = [j for j in range(full.shape[2] - 15) if torch.equal(full[:, :, j:j + 16], x)]
+        assert match, "a random-window crop is a 16 px window of the shorter-side-16 image"
+        lefts.add(match[0])
+    assert len(lefts) > 3, f"crop positions vary with the seed, got {sorted(lefts)}"
+    torch.testing.assert_close(crops, torch.stack([ds[(i, int(s))][0] for i, s in enumerate(seeds)]), rtol=0,
+                               atol=0, msg="threaded take() equals one-at-a-time decoding")
+    torch.testing.assert_close(base.take(torch.arange(2)), read_image(paths[0], (16, 16), 3)[None].expand(2, -1, -1, -1),
+                               msg="without a train view: the centre square")
+    with pytest.raises(ValueError, match="unknown train crop window 'centre'"):
+        TrainCrop(window="centre")
+
 
 def test_loader_crops_do_not_depend_on_the_worker_count(tmp_path):
     from fastdistill.data.dataset import TrainCrop

@@ -139,3 +139,43 @@ def test_pass_batch_draws_without_replacement_within_a_pass(n, batch):
         assert counts.min() >= batch // n and counts.max() <= -(-batch // n)
     torch.testing.assert_close(pass_batch(n, batch, 3, 5), pass_batch(n, batch, 3, 5), msg="a function of seed, step")
     assert pass_batch(n, batch, 3, 0).shape == (batch,)
+
+
+def test_repeated_augmentation_repeats_each_sample_in_a_row_and_keeps_the_epoch():
+    # DeiT's RASampler (3 repeats): copies in a row of the shuffled order, the epoch as long as without repeats
+    ds = make_dataset(n=36)
+    loader = build_loader("torch", ds, 12, seed=3, repeats=3)
+    assert len(loader) == 3
+    ids = sample_ids(loader.epoch(2))
+    assert ids.numel() == 36 and ids.unique().numel() == 12, "36 draws of 12 distinct samples"
+    torch.testing.assert_close(ids.view(12, 3), ids[::3, None].expand(12, 3), msg="three copies in a row")
+    plain = sample_ids(build_loader("torch", ds, 12, seed=3).epoch(2))
+    torch.testing.assert_close(ids[::3], plain[:12], msg="the copies follow the plain shuffled order")
+    assert not torch.equal(ids, sample_ids(loader.epoch(3))), "a new order each epoch"
+    torch.testing.assert_close(sample_ids(loader.epoch(2, start=1)), ids[12:], msg="a resume replays the rest")
+    # torchrun: the ranks' slices of each global batch make up the one-process batch
+    ranks = [list(build_loader("torch", ds, 12, seed=3, repeats=3, rank=r, world_size=2).epoch(2)) for r in (0, 1)]
+    joined = torch.cat([torch.cat([sample_ids([a]), sample_ids([b])]) for a, b in zip(*ranks)])
+    torch.testing.assert_close(joined, ids, msg="two ranks' slices, batch by batch")
+    with pytest.raises(ValueError, match="repeated augmentation must be an integer >= 1"):
+        build_loader("torch", ds, 12, repeats=0)
+    with pytest.raises(ValueError, match="needs loader=torch"):
+        build_loader("ffcv", ds, 12, repeats=3)
+
+
+def test_repeated_copies_are_cropped_anew(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fastdistill.data.dataset import TrainCrop
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
+    ds = ImageDataset(labels=torch.arange(4), classes=list("abcd"), paths=paths, image_size=(16, 16))
+    train = ds.train_view(TrainCrop(hflip=False))
+    crops = torch.cat([x for x, _ in build_loader("torch", train, 6, seed=1, num_workers=0, repeats=3).epoch(0)])
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2]), "each copy a new crop"
+    again = torch.cat([x for x, _ in build_loader("torch", train, 6, seed=1, num_workers=2, repeats=3).epoch(0)])
+    torch.testing.assert_close(again, crops, rtol=0, atol=0, msg="crops do not depend on the worker count")

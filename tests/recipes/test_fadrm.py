@@ -227,3 +227,18 @@ def test_batch_size_splits_classes_and_keeps_per_batch_seeds(tmp_path):
     assert len(recipe.history) == 6 and len(list((tmp_path / "bs" / "distilled").glob("*/*.png"))) == 20
     with pytest.raises(ValueError, match="method.batch_size must be an integer >= 1"):
         FADRMRecipe(_cfg(tmp_path, "bad", "method.batch_size=0"))
+
+
+def test_student_seeds_report_mean_and_spread(tmp_path):
+    """method.eval.seeds=2: every seed trains on the set (and a new random-real draw), students holds the means,
+    student_seeds each seed and the std; seed 0 is the one-seed run's student."""
+    small = ["method.eval.students=[timm:test_resnet]", "method.eval.epochs=1", "method.eval.real_random=true"]
+    two = run(_cfg(tmp_path, "two", *small, "method.eval.seeds=2"))
+    one = run(_cfg(tmp_path, "one", *small))
+    runs = two["student_seeds"]["timm:test_resnet"]
+    for name in ("synthetic", "real_random"):
+        accs = runs[name]["per_seed"]
+        assert len(accs) == 2 and two["students"]["timm:test_resnet"][name] == pytest.approx(sum(accs) / 2)
+        assert runs[name]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+        assert accs[0] == one["students"]["timm:test_resnet"][name], f"{name}: seed 0 is the one-seed run"
+    assert "student_seeds" not in one

@@ -152,6 +152,80 @@ def test_deit_recipe_switches_reach_the_training_step(tmp_path, monkeypatch):
     torch.testing.assert_close(targets[0].sum(1), torch.ones(24), msg="soft targets are distributions")
 
 
+@pytest.mark.parametrize("rule", ["none", "timm"])
+def test_weight_decay_filter_spares_biases_norms_and_tokens(tmp_path, rule):
+    # zero gradients: AdamW's step is then weight decay alone, p <- p (1 - lr wd), on the decayed parameters only
+    recipe = _recipe(tmp_path, f"method.weight_decay_filter={rule}", "method.adaptation=partial1")
+    nets = {"student": recipe.student.model, "mim": recipe.teachers["mim"].model}
+    before = {(n, k): p.detach().clone() for n, net in nets.items() for k, p in net.named_parameters()}
+    for group in recipe.optimizer.param_groups:
+        group["lr"] = 0.1
+    for p in recipe.params:
+        p.grad = torch.zeros_like(p)
+    recipe.optimizer.step()
+    wd = recipe.cfg.method.optimizer.weight_decay
+    for (n, k), p0 in before.items():
+        p = dict(nets[n].named_parameters())[k]
+        if not p.requires_grad:
+            torch.testing.assert_close(p, p0, rtol=0, atol=0, msg=f"{n} {k} is frozen")
+        elif rule == "timm" and (p.ndim <= 1 or k in ("pos_embed", "cls_token")):  # biases, norms, tokens
+            torch.testing.assert_close(p, p0, rtol=0, atol=0, msg=f"{n} {k}: no weight decay")
+        else:
+            torch.testing.assert_close(p, p0 * (1 - 0.1 * wd), msg=f"{n} {k}: decayed")
+    decayed = {k for (n, k), p0 in before.items() if n == "student" and
+               not torch.equal(p0, dict(nets[n].named_parameters())[k])}
+    assert ("pos_embed" in decayed) == (rule == "none") and "blocks.0.attn.qkv.weight" in decayed
+
+
+def test_repeated_augmentation_feeds_each_image_three_times(tmp_path):
+    recipe = _recipe(tmp_path, "method.repeated_augmentation=3", "method.batch_size=24")
+    x, y = next(iter(recipe.loader.epoch(0)))
+    torch.testing.assert_close(x.view(8, 3, *x.shape[1:]), x[::3, None].expand(8, 3, *x.shape[1:]), rtol=0, atol=0,
+                               msg="three copies of each image in a row, augmented later on the device")
+    assert len(recipe.loader) == 100 // 24 + 1, "an epoch keeps its length"
+    augmented = recipe._augment(x)
+    assert not torch.equal(augmented[0], augmented[1]), "each copy gets its own crop"
+
+
+def test_paper_student_is_vit_tiny_normalised_as_deit():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from fastdistill.models import create_backbone
+
+    cfg = compose(["+method=kd_multi", "preset=paper"])
+    deit = create_backbone(cfg.model, pretrained="none", num_classes=10, **cfg.method.model_kwargs)
+    vit = create_backbone(VIT, pretrained="none", num_classes=10, **cfg.method.model_kwargs)
+    assert str(deit.model) == str(vit.model), "DeiT-Ti is timm's ViT-Tiny/16"
+    assert (deit.spec.mean, deit.spec.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "DeiT's Normalize"
+    assert vit.spec.mean == (0.5, 0.5, 0.5), "the ViT spec would normalise otherwise"
+    x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(deit.normalize(x), (x - mean) / std, msg="student input")
+
+
+def test_test_images_are_decoded_again_with_the_test_interpolation(tmp_path):
+    from fastdistill.data.dataset import read_image
+    from fastdistill.data.rehearsal import write_jpeg_folder
+
+    folder = write_jpeg_folder(tmp_path / "data", classes=2, per_class=3, test_per_class=2, sizes=(30, 50))
+    args = [*(a for a in SMALL if not a.startswith("data.")), *_teachers(), "data=imagefolder", f"data.root={folder}",
+            "data.image_size=28", "data.cache=true", "method.train_per_class=3", "method.batch_size=6"]
+
+    def test_set(name, *extra):
+        recipe = kd_multi.KDMultiRecipe(compose([*args, f"out={tmp_path / name}", *extra]))
+        recipe.setup()
+        return recipe.test_set
+
+    cached = test_set("a")
+    assert cached.images is not None, "bilinear: the cached split as it is"
+    test = test_set("b", "method.test_interpolation=bicubic")
+    assert test.images is None and test.interpolation == "bicubic" and test.crop_pct == 0.875
+    torch.testing.assert_close(test[0][0], read_image(test.paths[0], (28, 28), 3, 0.875, interpolation="bicubic"),
+                               rtol=0, atol=0, msg="test image decoded with the bicubic resize")
+    assert not torch.equal(test[0][0], cached[0][0]), "bicubic and bilinear test images differ"
+
+
 @pytest.mark.parametrize("adaptation, changed, frozen", [
     ("linear", ["head.weight"], ["blocks.0.attn.qkv.weight", "norm.weight"]),
     ("partial1", ["head.weight", "blocks.0.attn.qkv.weight", "norm.weight"], ["patch_embed.proj.weight"]),
@@ -199,6 +273,10 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, monkeypatch):
     ("method.augment.mixup=0.8", ValueError, "method.batch_size 25 must be even with Mixup / CutMix"),
     ("method.augment.randaugment=autoaug", ValueError, "must be a timm RandAugment policy"),
     ("method.interpolation=nearest", ValueError, "unknown method.interpolation 'nearest'"),
+    ("method.repeated_augmentation=0", ValueError, "method.repeated_augmentation must be an integer >= 1"),
+    ("loader=ffcv method.repeated_augmentation=3", ValueError, "needs loader=torch"),
+    ("method.test_interpolation=nearest", ValueError, "unknown method.test_interpolation 'nearest'"),
+    ("method.weight_decay_filter=deit", ValueError, "unknown method.weight_decay_filter 'deit'"),
     ("method.lr_reference_batch=0", ValueError, "method.lr_reference_batch must be an integer >= 1 or null"),
     ("method.teachers.cl.model=timm:resnet18 method.teachers.cl.model_kwargs=null", ValueError,
      "is not a ViT with qkv attention"),

@@ -30,10 +30,10 @@ def no_whole_split(monkeypatch):
 
     take = ImageDataset.take
 
-    def bounded_take(self, index):
+    def bounded_take(self, index, seeds=None):
         if self.paths is not None and len(self) > 100 and len(index) >= len(self):
             raise AssertionError(f"take() of all {len(self)} images of {self.name!r}: a whole split decoded")
-        return take(self, index)
+        return take(self, index, seeds)
 
     monkeypatch.setattr(ImageDataset, "load_all", refuse)
     monkeypatch.setattr(ImageDataset, "take", bounded_take)
@@ -63,10 +63,33 @@ def test_fadrm_then_evaluate_stream(folder, tmp_path):
 def test_lgm_streams_its_real_batches(folder, tmp_path):
     metrics = run(_cfg(folder, "+method=lgm", "preset=smoke", "method.backbones=[timm:test_resnet]",
                        "method.backbone_pretrained=none", "method.backbone_weights=1.0", "method.iterations=2",
-                       "method.augs_per_batch=2",
+                       "method.augs_per_batch=2", "method.real_crop=random",
                        "method.init=real", "eval.backbone=timm:test_byobnet", "eval.pretrained=none", "eval.runs=1",
                        "eval.epochs=1", "eval.full=true", "eval.full_epochs=1", f"out={tmp_path / 'lgm'}"))
     assert metrics["iterations"] == 2 and 0.0 <= metrics["eval"]["full"]["mean"] <= 1.0
+
+
+def test_lgm_random_real_crop_is_new_per_draw_and_the_same_on_every_rank(folder, tmp_path):
+    from fastdistill.recipes.lgm import LGMRecipe
+
+    cfg = _cfg(folder, "+method=lgm", "preset=smoke", "method.backbones=[timm:test_resnet]",
+               "method.backbone_pretrained=none", "method.backbone_weights=1.0", "method.real_crop=random",
+               "eval.backbone=timm:test_byobnet", "eval.pretrained=none", f"out={tmp_path / 'lgm'}")
+    recipe = LGMRecipe(cfg)
+    recipe.out.write_config(cfg)
+    recipe.setup()
+    n = 12
+    batch, _ = recipe.real_batch(n)
+    x = batch[:]
+    half, _ = recipe.real_batch(n, slice(5, n))  # another rank's slice of the same step
+    torch.testing.assert_close(half[:], x[5:], msg="a rank's slice decodes the crops of the whole batch")
+    torch.testing.assert_close(torch.cat([batch[:5], batch[5:]]), x, msg="chunks decode the same crops")
+    same = batch.index
+    step0 = recipe.real_set.take(same, batch.seeds)
+    recipe.step = 1
+    step1 = recipe.real_set.take(same, recipe.real_batch(n)[0].seeds)
+    moved = [not torch.equal(a, b) for a, b in zip(step0, step1)]
+    assert sum(moved) > n // 2, "the same images drawn at another step are cropped at new positions"
 
 
 @pytest.mark.parametrize("kind", ["knn", "linear"])
