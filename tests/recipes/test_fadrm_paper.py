@@ -11,7 +11,8 @@ def _recipe(tmp_path, *extra):
 
 
 def test_cifar_stem_where_images_are_at_most_64_px(tmp_path):
-    recipe = _recipe(tmp_path)  # method.cifar_stem: auto
+    recipe = _recipe(tmp_path, "method.cifar_stem=auto")  # the paper preset's; the digits default: false
+    assert _recipe(tmp_path, "preset=paper").cfg.method.cifar_stem == "auto"
     assert recipe.stem_kwargs("timm:resnet18", (28, 28)) == {"cifar_stem": True}
     assert recipe.stem_kwargs("timm:resnet50", (64, 64), "trained") == {"cifar_stem": True}
     assert recipe.stem_kwargs("timm:resnet18", (224, 224)) == {}, "the ImageNet stem at 224 px, as published"
