@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, the repo root is not on sys.path
-from benchmarks._harness import print_table, write_results  # noqa: E402
+from benchmarks._harness import git_sha, print_table, write_results  # noqa: E402
 from fastdistill.data.rehearsal import write_jpeg_folder  # noqa: E402
 
 # the README's ImageNet commands; the rehearsal replaces the root and appends SIZES. data.cache=false: at 64 px the
@@ -234,7 +235,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--ks", type=int, nargs="+", default=[2, 10], help="train JPEGs per class")
-    p.add_argument("--root", type=Path, default=None, help="where the folders go (kept; default: a temp dir)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="where the folders go (kept, with each finished run's record: a rehearsal stopped part way "
+                        "resumes there and runs only what is missing; default: a temp dir)")
     # one core is left to the loader workers: on a 2-core machine two OpenMP threads that share their cores with
     # workers (or anything else) spin-wait, measured 0.79 s instead of 0.017 s for a 2-image ResNet-18 forward
     p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
@@ -261,7 +264,16 @@ def main(argv=None) -> None:
             for name in ("fadrm", "lgm"):
                 label = f"{name} (torchrun {nproc})" if nproc else name
                 key = f"{name}_torchrun{nproc}" if nproc else name
-                r = run_recipe(name, folder, root / f"out_{key}_k{k}", 1 if nproc else args.threads, nproc)
+                out = root / f"out_{key}_k{k}"
+                record = out / "rehearsal_run.json"
+                if record.is_file():  # finished by an earlier, stopped invocation at this commit
+                    r = json.loads(record.read_text())
+                    if r.get("git_sha") != git_sha():
+                        raise SystemExit(f"{record} was measured at {r.get('git_sha')}, not {git_sha()}: remove it")
+                else:
+                    shutil.rmtree(out, ignore_errors=True)
+                    r = {**run_recipe(name, folder, out, 1 if nproc else args.threads, nproc), "git_sha": git_sha()}
+                    record.write_text(json.dumps(r))
                 runs[f"{key}_k{k}"] = r
                 for phase, v in r["phases"].items():
                     rows.append({"recipe": label, "k": k, "phase": phase, "s": v["s"],
