@@ -5,6 +5,8 @@
 #   FASTDISTILL_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh   # on the GPU machine, from the checkout's root, with
 #                                            # .whl/ beside it; the sha names the tree when its git metadata is stale
 #   bash benchmarks/gpu_suite.sh --dry       # tiny sizes anywhere (CPU: Triton through TRITON_INTERPRET=1)
+#   FASTDISTILL_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh --tables   # instead of the kernels: the README's FADRM and
+#                                            # LGM accuracy tables (benchmarks/accuracy_tables.py, ~18 runs at once)
 #
 # The GPU image has torch, triton and timm but no network and none of hydra-core / omegaconf / antlr4 / nvtx, so
 # `pip install -e .` cannot run there: the wheels install with --no-index into a target folder and the checkout goes
@@ -26,7 +28,7 @@ if [ "$MODE" = "--prepare" ]; then
     -d .whl $WHEELS && python3 -m pip wheel -q --no-deps -w .whl $SDISTS
   exit
 fi
-case "$MODE" in run|--dry) ;; *) echo "gpu_suite.sh: unknown mode '$MODE'; expected --prepare, --dry or none" >&2
+case "$MODE" in run|--dry|--tables) ;; *) echo "gpu_suite.sh: unknown mode '$MODE'; expected --prepare, --dry, --tables or none" >&2
   exit 2 ;; esac
 
 export PYTHONUNBUFFERED=1
@@ -36,7 +38,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}
 
-if [ "$MODE" = "run" ]; then
+if [ "$MODE" != "--dry" ]; then
   if ! $PY -c "import hydra, omegaconf, nvtx" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_suite.sh: no .whl/ folder; run --prepare first" >&2; exit 2; }
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdistill-site .whl/*.whl || exit 2
@@ -82,6 +84,17 @@ step() {   # step CAP_SECONDS NAME command...: run under a cap, record rc, re-pa
   echo "$name $rc" >> "$RES/steps.txt"
   tar czf "$OUT/results.tgz" -C "$RES" .
 }
+
+if [ "$MODE" = "--tables" ]; then   # the runs' folders (teachers, images) stay here: only the numbers come back
+  TAB=$(mktemp -d)
+  step $((${TABLES_BUDGET:-420} + 60)) accuracy_tables $PY benchmarks/accuracy_tables.py --out-dir "$TAB" \
+    --budget "${TABLES_BUDGET:-420}" --jobs 18
+  mkdir -p "$RES/tables" && cp "$TAB/accuracy_tables.json" "$TAB/runs.log" "$RES/tables/" 2>/dev/null
+  (cd "$TAB" && find runs -name metrics.json | tar czf "$RES/tables/run_metrics.tgz" -T -)
+  tar czf "$OUT/results.tgz" -C "$RES" .
+  echo "=== steps failed: $FAILED; results: $OUT/results.tgz"
+  exit $((FAILED > 0))
+fi
 
 # 1. every kernel test on the device, the gpu-marked published sizes included (the AOT compile check is CPU work)
 step 90 tests $PY -m pytest $TESTS $XDIST -q -p no:cacheprovider -m "gpu or not slow" --ignore-glob="*aot*" -rfE \

@@ -35,4 +35,4 @@ def test_unknown_mode_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run(["bash", str(SUITE), "--fast"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 2
-    assert done.stderr.strip() == "gpu_suite.sh: unknown mode '--fast'; expected --prepare, --dry or none"
+    assert done.stderr.strip() == "gpu_suite.sh: unknown mode '--fast'; expected --prepare, --dry, --tables or none"
