@@ -40,7 +40,8 @@ FADRM_PUBLISHED = [
 FADRM_DRY = ["preset=smoke", "method.stage_iterations=2", "method.eval.epochs=1", "method.candidates_per_class=4"]
 VARIANTS = ("fadrm", "sre2l", "rded")
 STUDENTS = ("timm:resnet18", "timm:regnetx_002")
-COMMON = ["progress=false", "checkpoint_every=0", "compile=false", "num_workers=0"]
+COMMON = ["progress=false", "checkpoint_every=0", "compile=false", "kernels=torch", "num_workers=0"]  # the torch
+# kernels: the same maths as the Triton ones (tests/kernels), and the path every CPU run of these tables takes
 
 
 def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10)) -> list[dict]:
