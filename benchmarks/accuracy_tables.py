@@ -140,6 +140,8 @@ def run(args) -> None:
         for job in [j for j in todo if j["warm"] == warm]:
             if time.time() - start > args.budget:
                 break
+            if not warm and not any(r["method"] == job["method"] for r in rows):
+                continue  # its first run (the one that trains the teachers) failed: runs.log says why
             while len(running) >= args.jobs:
                 reap(block=True)
             running.append(launch(job))

@@ -17,7 +17,9 @@ set -u
 MODE=${1:-run}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-WHEELS="hydra-core==1.3.2 omegaconf==2.3.0 nvtx==0.2.17"
+WHEELS="hydra-core==1.3.2 omegaconf==2.3.0 nvtx==0.2.17 mlxtend==0.25.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2
+  pygments==2.21.0 matplotlib==3.11.2 contourpy==1.4.0 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3
+  python-dateutil==4.0.0 six==1.17.0"   # what the --tables runs import beyond the image: digits, console, plots
 SDISTS="antlr4-python3-runtime==4.9.3"   # omegaconf's pin; PyPI has no wheel of it: built here (pure Python)
 
 if [ "$MODE" = "--prepare" ]; then
@@ -39,11 +41,24 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}
 
 if [ "$MODE" != "--dry" ]; then
-  if ! $PY -c "import hydra, omegaconf, nvtx" 2>/dev/null; then
-    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_suite.sh: no .whl/ folder; run --prepare first" >&2; exit 2; }
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdistill-site .whl/*.whl || exit 2
+  # only the wheels whose module the image lacks: never shadow the image's own packages
+  MISSING=$($PY - <<'PY'
+import glob, importlib.util, os
+module = {"hydra_core": "hydra", "antlr4_python3_runtime": "antlr4", "markdown_it_py": "markdown_it",
+          "python_dateutil": "dateutil", "fonttools": "fontTools"}
+for w in sorted(glob.glob(".whl/*.whl")):
+    dist = os.path.basename(w).split("-")[0]
+    if importlib.util.find_spec(module.get(dist, dist)) is None:
+        print(w)
+PY
+)
+  if [ -n "$MISSING" ]; then
+    echo "installing from .whl/: $(echo $MISSING | xargs -n1 basename | cut -d- -f1 | tr '\n' ' ')"
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdistill-site $MISSING || exit 2
     export PYTHONPATH=/tmp/fastdistill-site${PYTHONPATH:+:$PYTHONPATH}
   fi
+  $PY -c "import hydra, omegaconf, nvtx" 2>/dev/null || { echo "gpu_suite.sh: no .whl/ folder; run --prepare first" >&2
+    exit 2; }
   if ! $PY -c "import fastdistill.kernels" 2>/dev/null; then   # what the editable install maps
     ln -sfn ../kernels fastdistill/kernels; ln -sfn ../configs fastdistill/configs
     export PYTHONPATH=$ROOT:$PYTHONPATH
