@@ -6,7 +6,7 @@
 #                                            # .whl/ beside it; the sha names the tree when its git metadata is stale
 #   bash benchmarks/gpu_suite.sh --dry       # tiny sizes anywhere (CPU: Triton through TRITON_INTERPRET=1)
 #   FASTDISTILL_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh --tables   # instead of the kernels: the README's FADRM and
-#                                            # LGM accuracy tables (benchmarks/accuracy_tables.py, ~18 runs at once)
+#                                            # LGM accuracy tables (benchmarks/accuracy_tables.py, TABLES_JOBS runs at once)
 #
 # The GPU image has torch, triton and timm but no network and none of hydra-core / omegaconf / antlr4 / nvtx, so
 # `pip install -e .` cannot run there: the wheels install with --no-index into a target folder and the checkout goes
@@ -103,7 +103,7 @@ step() {   # step CAP_SECONDS NAME command...: run under a cap, record rc, re-pa
 if [ "$MODE" = "--tables" ]; then   # the runs' folders (teachers, images) stay here: only the numbers come back
   TAB=$(mktemp -d)
   step $((${TABLES_BUDGET:-420} + 60)) accuracy_tables $PY benchmarks/accuracy_tables.py --out-dir "$TAB" \
-    --budget "${TABLES_BUDGET:-420}" --jobs 18
+    --budget "${TABLES_BUDGET:-420}" --jobs "${TABLES_JOBS:-4}"
   mkdir -p "$RES/tables" && cp "$TAB/accuracy_tables.json" "$TAB/runs.log" "$RES/tables/" 2>/dev/null
   (cd "$TAB" && find runs -name metrics.json | tar czf "$RES/tables/run_metrics.tgz" -T -)
   tar czf "$OUT/results.tgz" -C "$RES" .
