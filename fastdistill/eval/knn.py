@@ -59,7 +59,8 @@ def probe_accuracy(backbone: Backbone, train_set: ImageDataset, test_set: ImageD
             log(phase, 0, test_acc=acc)
     else:
         cfg = ProbeConfig(epochs=int(p.epochs), lr=float(p.lr), max_batch_size=int(p.batch_size),
-                          crop_scale=tuple(p.crop_scale), hflip=bool(p.hflip), image_size=tuple(image_size))
+                          crop_scale=tuple(p.crop_scale), hflip=bool(p.hflip), image_size=tuple(image_size),
+                          feature_bn=bool(p.get("feature_bn", False)))
         acc = train_probe(backbone, train_set, test_feats, test_set.labels, train_set.num_classes, cfg, cfg.epochs,
                           seed, device, precision, progress=progress, description=f"{phase} (linear)", log=log,
                           phase=phase)

@@ -41,6 +41,7 @@ class ProbeConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     image_size: tuple[int, int] = (224, 224)
+    feature_bn: bool = False  # a BatchNorm without affine on the features before the head (MAE's linear probe)
 
 
 def check_probe_config(e: DictConfig) -> None:
@@ -128,11 +129,13 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
     its slice, the loss is scaled so that the averaged gradient is the one-process batch mean."""
     g = torch.Generator().manual_seed(seed)
     d = test_feats.shape[1]
-    head = torch.nn.Linear(d, num_classes)
+    linear = torch.nn.Linear(d, num_classes)
     with torch.no_grad():  # W ~ N(0, 0.01^2), b = 0, as the published probes (LGM, DINO, MAE); the run's generator
-        head.weight.copy_(torch.randn(num_classes, d, generator=g).mul_(0.01))
-        head.bias.zero_()
-    head = head.to(device)
+        linear.weight.copy_(torch.randn(num_classes, d, generator=g).mul_(0.01))
+        linear.bias.zero_()
+    # MAE's features differ in scale by orders of magnitude between dimensions: its probe standardises them first
+    head = (torch.nn.Sequential(torch.nn.BatchNorm1d(d, affine=False, eps=1e-6), linear) if cfg.feature_bn
+            else linear).to(device)
     net, world = dist.wrap_ddp(head, device), dist.world_size()
     n = len(train_set)
     batch = min(cfg.max_batch_size, n)
@@ -165,6 +168,7 @@ def train_probe(backbone: Backbone, train_set: ImageDataset, test_feats: torch.T
             if log:  # one sync per epoch, only when logging
                 log(phase, epoch, train_loss=dist.all_reduce(epoch_loss, "sum").item() / (world * len(starts)),
                     lr=float(lr[step - 1]))
+    head.eval()  # the BatchNorm's running statistics for the test features
     with torch.no_grad():
         pred = head(test_feats).argmax(1)
     acc = (pred.cpu() == test_labels.cpu()).float().mean().item()

@@ -76,3 +76,26 @@ def test_centre_crop_resizes_the_shorter_side_first():
     torch.testing.assert_close(centre_crop(x, (14, 14), 0.875), resized[..., 1:15, 5:19],
                                msg="shorter side 40 -> 16 (aspect kept), then the centre 14 x 14")
     assert centre_crop(x.transpose(-1, -2), (14, 14), 0.875).shape == (2, 3, 14, 14)
+
+
+class Scaled:
+    """Features whose class signal is 1e-2 of a constant offset, as a ViT's class token can be before training."""
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 + 1e-2 * x.flatten(1).mean(1, keepdim=True).repeat(1, 8)
+
+
+def test_feature_bn_standardises_features_a_plain_linear_head_cannot_read():
+    from fastdistill.eval.linear_probe import ProbeConfig, train_probe
+
+    labels = torch.arange(2).repeat(100)
+    images = (labels * 120 + 60).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    data = ImageDataset(labels=labels, classes=list("ab"), images=images, channels=1, image_size=(4, 4))
+    test_feats = Scaled().embed(images.float().div(255))
+    accs = {}
+    for bn in (False, True):
+        cfg = ProbeConfig(lr=0.1, max_batch_size=50, crop_scale=(1.0, 1.0), hflip=False, image_size=(4, 4),
+                          feature_bn=bn)
+        accs[bn] = train_probe(Scaled(), data, test_feats, labels, 2, cfg, 20, seed=0, device=CPU,
+                               precision=Precision("fp32", CPU), num_workers=0)
+    assert accs[True] == 1.0 and accs[False] < 0.75, accs
