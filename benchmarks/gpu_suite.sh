@@ -103,7 +103,7 @@ step() {   # step CAP_SECONDS NAME command...: run under a cap, record rc, re-pa
 if [ "$MODE" = "--tables" ]; then   # the runs' folders (teachers, images) stay here: only the numbers come back
   TAB=$(mktemp -d)
   step $((${TABLES_BUDGET:-420} + 60)) accuracy_tables $PY benchmarks/accuracy_tables.py --out-dir "$TAB" \
-    --budget "${TABLES_BUDGET:-420}" --jobs "${TABLES_JOBS:-4}"
+    --budget "${TABLES_BUDGET:-420}" --jobs "${TABLES_JOBS:-4}" ${TABLES_ARGS:-}   # e.g. TABLES_ARGS="--ipc 10"
   mkdir -p "$RES/tables" && cp "$TAB/accuracy_tables.json" "$TAB/runs.log" "$RES/tables/" 2>/dev/null
   (cd "$TAB" && find runs -name metrics.json | tar czf "$RES/tables/run_metrics.tgz" -T -)
   tar czf "$OUT/results.tgz" -C "$RES" .
