@@ -145,7 +145,23 @@ def test_dino_resumes_exactly(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "broken" / "metrics.json").read_text())["history"] == metrics["history"]
 
 
+def test_dino_with_sincos_positions_logs_a_knn_curve_and_extra_probes(tmp_path):
+    from fastdistill.models.ssl import sincos_2d
+
+    metrics, out = _run(tmp_path, "sincos", "method.pos_embed=sincos", "method.probe.curve_every=2",
+                        "method.probe.also=[knn/mean,linear/cls]", "method.probe.epochs=1")
+    assert [("knn" in h) for h in metrics["history"]] == [False, True, True], "k-NN after epoch 2 and the last"
+    assert all(0 <= h["knn"] <= 1 for h in metrics["history"][1:])
+    assert set(metrics["probes"]) == {"knn/cls", "knn/mean", "linear/cls"}
+    assert metrics["probes"]["knn/cls"] == metrics["probe"] and metrics["probe_kind"] == "knn/cls"
+    assert all(set(v) == {"dino", "random_init"} for v in metrics["probes"].values())
+    pos = load_file(str(out / "model.safetensors"))["pos_embed"]
+    torch.testing.assert_close(pos[0, 1:], sincos_2d((7, 7), 32), msg="fixed sin-cos patch positions, not trained")
+    assert pos[0, 0].abs().sum() == 0, "the class token's position is zero"
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["method.pos_embed=rope"], "unknown method.pos_embed 'rope'"),
     (["method.crops.local_scale=[0.2,0.7]"], "local max <= global min"),
     (["method.momentum_teacher=1.5"], "momentum_teacher must be in"),
     (["method.probe.kind=svm"], "unknown probe 'svm'"),
