@@ -152,6 +152,18 @@ def fix_sincos(pos_embed: nn.Parameter, grid: tuple[int, int]) -> None:
     pos_embed.requires_grad_(False)
 
 
+POS_EMBEDS = ("learned", "sincos")
+
+
+def set_pos_embed(vit: VisionTransformer, kind: str, what: str = "ViT") -> None:
+    """``learned``: the ViT's own (timm: trainable, N(0, 0.02^2)); ``sincos``: the fixed 2-D sin-cos one of
+    :func:`fix_sincos` (MAE as published; on 28-px digits DINO's ViT also learns faster with it: README)."""
+    if kind not in POS_EMBEDS:
+        raise ValueError(f"unknown {what} position embedding {kind!r}; expected one of {', '.join(POS_EMBEDS)}")
+    if kind == "sincos":
+        fix_sincos(vit.pos_embed, tuple(vit.patch_embed.grid_size))
+
+
 class MAEDecoder(nn.Module):
     """The light MAE decoder: embed the encoder tokens, insert a shared mask token at every masked position,
     add position embeddings, a few transformer blocks, predict the p * p * C pixels of every patch."""
@@ -187,12 +199,9 @@ class MAEModel(nn.Module):
         super().__init__()
         self.backbone, self.decoder = backbone, decoder
         self.vit = check_vit(backbone, "MAE")
-        if pos_embed == "sincos":  # fixed in encoder and decoder, as published (He et al. 2022, A.1)
-            grid = tuple(self.vit.patch_embed.grid_size)
-            fix_sincos(self.vit.pos_embed, grid)
-            fix_sincos(decoder.pos_embed, grid)
-        elif pos_embed != "learned":
-            raise ValueError(f"unknown MAE position embedding {pos_embed!r}; expected learned or sincos")
+        set_pos_embed(self.vit, pos_embed, "MAE")  # fixed in encoder and decoder, as published (He et al. 2022, A.1)
+        if pos_embed == "sincos":
+            fix_sincos(decoder.pos_embed, tuple(self.vit.patch_embed.grid_size))
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x: [0, 1] images (N, C, H, W) -> (N, L, p * p * C) pixel predictions."""

@@ -37,10 +37,10 @@ from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.knn import check_probe
-from fastdistill.eval.ssl_run import finish_ssl_run
+from fastdistill.eval.ssl_run import finish_ssl_run, knn_curve_point
 from fastdistill.losses.dino import DINOLoss
 from fastdistill.models import create_backbone
-from fastdistill.models.ssl import DINOHead, MultiCropModel, check_vit
+from fastdistill.models.ssl import POS_EMBEDS, DINOHead, MultiCropModel, check_vit, set_pos_embed
 from fastdistill.profiling import Profiler
 from fastdistill.teachers import config_hash
 
@@ -78,6 +78,8 @@ class DINORecipe:
             raise ValueError(f"method.head.out_dim must be >= 2, got {m.head.out_dim!r}")
         if not (m.loss.student_temp > 0 and m.loss.teacher_temp > 0 and m.loss.warmup_teacher_temp > 0):
             raise ValueError("method.loss temperatures must be > 0")
+        if m.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown method.pos_embed {m.pos_embed!r}; expected one of {', '.join(POS_EMBEDS)}")
         check_probe(m.probe)
         build_multicrop(m.crops, 1, False)  # scales and counts checked before any work
         self.cfg = cfg
@@ -91,7 +93,7 @@ class DINORecipe:
         seed_everything(cfg.seed)
         # networks first, right after seeding: the random-init baseline of evaluate() is this same draw
         backbone = create_backbone(cfg.model, pretrained="none", **m.model_kwargs)
-        check_vit(backbone, "+method=dino")
+        set_pos_embed(check_vit(backbone, "+method=dino"), m.pos_embed)
         head = DINOHead(backbone.spec.feature_dim, int(m.head.out_dim), int(m.head.hidden_dim),
                         int(m.head.bottleneck_dim), int(m.head.num_layers), bool(m.head.norm_last_layer),
                         bool(m.head.use_bn))
@@ -151,7 +153,8 @@ class DINORecipe:
                    checkpoint_every=self.cfg.checkpoint_every,
                    log=lambda epoch: {"teacher_temp": self.loss_fn.teacher_temp_at(epoch),
                                       "lr": float(self.lr[self.position.step - 1]),
-                                      "momentum": float(self.momentum[self.position.step - 1])})
+                                      "momentum": float(self.momentum[self.position.step - 1]),
+                                      **knn_curve_point(self, self.teacher.backbone, epoch)})
 
     def train_step(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
         m = self.cfg.method

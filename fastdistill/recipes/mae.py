@@ -30,7 +30,7 @@ from fastdistill.engine.epochs import Position, run_epochs
 from fastdistill.engine.optim import param_groups
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.eval.knn import check_probe
-from fastdistill.eval.ssl_run import finish_ssl_run
+from fastdistill.eval.ssl_run import finish_ssl_run, knn_curve_point
 from fastdistill.losses.mae import mae_loss
 from fastdistill.models import create_backbone
 from fastdistill.models.ssl import MAEDecoder, MAEModel, check_vit, patchify, random_masking
@@ -106,7 +106,8 @@ class MAERecipe:
                    lr=self.lr, save=self.save_checkpoint, out=self.out, profiler=self.profiler, history=self.history,
                    label=f"mae {self.cfg.model}", progress=self.cfg.progress,
                    checkpoint_every=self.cfg.checkpoint_every,
-                   log=lambda epoch: {"lr": float(self.lr[self.position.step - 1])})
+                   log=lambda epoch: {"lr": float(self.lr[self.position.step - 1]),
+                                      **knn_curve_point(self, self.model.backbone, epoch)})
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method

@@ -46,3 +46,26 @@ def test_probes_separate_an_easy_two_class_set(kind):
 def test_bad_probe_is_clear():
     with pytest.raises(ValueError, match="unknown probe 'svm'"):
         check_probe(OmegaConf.create({"kind": "svm", "k": 1, "temperature": 1.0, "epochs": 1}))
+
+
+def test_mean_pool_averages_the_patch_tokens_and_restores_the_class_token():
+    from fastdistill.eval.knn import pooled
+
+    torch.manual_seed(0)
+    vit = create_backbone("timm:vit_tiny_patch16_224", img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2)
+    x = torch.rand(3, 1, 28, 28)
+    tokens = vit.model.forward_features(vit.normalize(x))  # (3, 1 + 16, 32) after the final norm
+    with pooled(vit, "mean") as net:
+        torch.testing.assert_close(net.embed(x), tokens[:, 1:].mean(1), msg="mean of the 16 patch tokens")
+    torch.testing.assert_close(vit.embed(x), tokens[:, 0], msg="the class token again after the block")
+    with pytest.raises(ValueError, match="needs a timm ViT"):
+        with pooled(create_backbone("timm:resnet18"), "mean"):
+            pass
+
+
+@pytest.mark.parametrize("extra, message", [({"also": ["knn/max"]}, "unknown probe 'knn/max'"),
+                                            ({"pool": "avg"}, "unknown probe 'knn/avg'"),
+                                            ({"curve_every": -1}, "curve_every must be >= 0")])
+def test_bad_probe_pools_and_curves_are_clear(extra, message):
+    with pytest.raises(ValueError, match=message):
+        check_probe(OmegaConf.create({"kind": "knn", "k": 1, "temperature": 1.0, "epochs": 1, **extra}))
