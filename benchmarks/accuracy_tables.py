@@ -30,6 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, the repo root is not on sys.path
+from benchmarks._harness import device_name, git_sha  # noqa: E402
+
 FADRM_PUBLISHED = [
     "method.cifar_stem=auto", "method.lr=0.25", "method.stage_sizes=[1.0,1.0,1.0,1.0]", "method.stage_iterations=500",
     "method.batch_size=100", "method.mpt=true", "method.candidate_scale=[0.08,1.0]", "method.candidate_ratio=[1.0,1.0]",
@@ -96,17 +101,13 @@ def run(args) -> None:
     todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDISTILL_CACHE": str(out / "cache")}
     start, rows, running, log = time.time(), [], [], open(out / "runs.log", "a")
+    # the runs' device (device=auto), named once: the runs are child processes
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def write():
-        device = "cpu"
-        try:
-            import torch
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            pass
         (out / "accuracy_tables.json").write_text(json.dumps(
-            {"benchmark": "accuracy_tables", "device": device, "git_sha": os.environ.get("FASTDISTILL_GIT_SHA", ""),
-             "seeds": args.seeds, "fadrm_overrides": FADRM_PUBLISHED, "rows": rows,
+            {"benchmark": "accuracy_tables", "device": device, "git_sha": git_sha(), "seeds": args.seeds,
+             "fadrm_overrides": FADRM_PUBLISHED, "rows": rows,
              "missing": [name(j) for j in todo if name(j) not in {r["name"] for r in rows}]},
             indent=1))
 
@@ -116,7 +117,7 @@ def run(args) -> None:
         print(f"{time.time() - start:6.0f}s start {name(job)}", flush=True)
         return job, folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.time()
 
-    def reap(block: bool):
+    def reap():  # waits for one run to end (killed past the budget) and records it
         while running:
             for item in list(running):
                 job, folder, proc, t0 = item
@@ -132,8 +133,6 @@ def run(args) -> None:
                         rows.append({"name": name(job), "seconds": round(time.time() - t0, 1), **row})
                         write()
                     return
-            if not block:
-                return
             time.sleep(1)
 
     for warm in (True, False):
@@ -143,10 +142,10 @@ def run(args) -> None:
             if not warm and not any(r["method"] == job["method"] for r in rows):
                 continue  # its first run (the one that trains the teachers) failed: runs.log says why
             while len(running) >= args.jobs:
-                reap(block=True)
+                reap()
             running.append(launch(job))
         while running:
-            reap(block=True)
+            reap()
     write()
     print(f"{len(rows)} of {len(todo)} runs finished in {time.time() - start:.0f} s: {out / 'accuracy_tables.json'}")
 
@@ -160,7 +159,8 @@ def cell(r: dict | None, key: str) -> str:
 def report(path: str) -> None:
     d = json.loads(Path(path).read_text())
     fadrm = {(r["ipc"], r["variant"], r["student"]): r for r in d["rows"] if r["method"] == "fadrm"}
-    print(f"FADRM, {d['seeds']} student seeds, mean ± std (population, as the runs report it), {d['device']}, git {d['git_sha']}\n")
+    print(f"FADRM, {d['seeds']} student seeds, mean ± std (population, as the runs report it), {d['device']}, "
+          f"git {d['git_sha']}\n")
     print("| ipc | student | FADRM | SRe2L | RDED-style | random real |\n|---|---|---|---|---|---|")
     for ipc in sorted({k[0] for k in fadrm}):
         for s in STUDENTS:

@@ -32,8 +32,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, method):
     if method == "mae":
         assert (two[-1] - two[0]) * (one[-1] - one[0]) > 0, f"the curves must move the same way: {one} vs {two}"
     else:
-        # 18 DINO steps from a random init do not move the epoch-mean loss in one direction (CI saw 6.60, 6.43, 6.49 next to
-        # 6.65, 6.58, 6.70); what both runs must show is a student that matches the sharpened teacher better than
-        # a uniform output over the smoke head's 1024 prototypes does (cross-entropy ln 1024 = 6.93)
+        # 18 DINO steps from a random init do not move the epoch-mean loss in one direction (CI saw 6.60, 6.43,
+        # 6.49 next to 6.65, 6.58, 6.70); what both runs must show is a student that matches the sharpened teacher
+        # better than a uniform output over the smoke head's 1024 prototypes does (cross-entropy ln 1024 = 6.93)
         assert max(one + two) < math.log(1024) - 0.05, (one, two)
     assert (tmp_path / "two" / "model.safetensors").is_file()
