@@ -1,7 +1,7 @@
 """``timm:<arch>[.<tag>]`` backbones (ViT, ResNet, ConvNeXt, EfficientNet, ...; DINO/DINOv2/MAE/CLIP tags).
 
-Besides timm's own kwargs a ResNet takes ``cifar_stem=True``: the 3x3 stride-1 stem without max-pool of the published
-small-image ResNets (:func:`cifar_stem`)."""
+Besides timm's own kwargs a ResNet or RegNet takes ``cifar_stem=True``: the stride-1 stem of the published small-image
+ResNets (:func:`cifar_stem`)."""
 from __future__ import annotations
 
 import sys
@@ -49,26 +49,38 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def is_timm_resnet(backbone_id: str) -> bool:
-    """Whether ``timm:<arch>[.<tag>]`` is one of timm's ``ResNet`` class (resnet18/50/101, the -d variants, ResNeXt,
-    SE-ResNet ...): the networks :func:`cifar_stem` applies to. Read from the registry, nothing is built."""
+def takes_cifar_stem(backbone_id: str) -> bool:
+    """Whether ``timm:<arch>[.<tag>]`` is one of timm's ResNets (resnet18/50/101, the -d variants, ResNeXt, SE-ResNet
+    ...) or RegNets: the networks :func:`cifar_stem` applies to. Read from the registry, nothing is built."""
     from timm.models import is_model, model_entrypoint
 
     source, _, name = str(backbone_id).partition(":")
     arch = name.split(".")[0]
-    return source == "timm" and is_model(arch) and model_entrypoint(arch).__module__ == "timm.models.resnet"
+    return source == "timm" and is_model(arch) and model_entrypoint(arch).__module__ in (
+        "timm.models.resnet", "timm.models.regnet")
 
 
 def cifar_stem(model: nn.Module, name: str) -> None:
-    """Give a timm ResNet the CIFAR stem in place: a 3x3 stride-1 first convolution and no max-pool, the
-    ResNet-18/50/101 the published small-image pipelines train at 32 and 64 px (Jiacheng8/FADRM ``models/resnet.py``,
-    LINs-lab/RDED ``resnet18_modified``). The ImageNet stem (7x7 stride 2, then a stride-2 max-pool) leaves a 28-px
-    digit a 7x7 map before the first block. The new convolution gets timm's ResNet initialisation."""
+    """Give a timm ResNet or RegNet a stem for small images, in place.
+
+    ResNet: the CIFAR stem, a 3x3 stride-1 first convolution and no max-pool, the ResNet-18/50/101 the published
+    small-image pipelines train at 32 and 64 px (Jiacheng8/FADRM ``models/resnet.py``, LINs-lab/RDED
+    ``resnet18_modified``); the ImageNet stem (7x7 stride 2, then a stride-2 max-pool) leaves a 28-px digit a 7x7
+    map before the first block. The new convolution gets timm's ResNet initialisation.
+    RegNet: its 3x3 stem convolution at stride 1 (the published pipelines have no small-image RegNet). The ImageNet
+    stride leaves a 28-px digit a 1x1 map in the last stage, whose BatchNorm over a micro-batch of 8 then
+    normalises 8 numbers: a RegNetX-200MF student stays at chance (0.10-0.13 at ipc 1, against 0.43 at stride 1)."""
+    from timm.models.regnet import RegNet
     from timm.models.resnet import ResNet
 
+    if isinstance(model, RegNet):
+        model.stem.conv.stride = (1, 1)
+        for info in model.feature_info:
+            info["reduction"] = max(1, info["reduction"] // 2)
+        return
     if not isinstance(model, ResNet):
-        raise ValueError(f"cifar_stem=True: timm:{name} is not a timm ResNet (resnet18, resnet50, resnet101, ...); "
-                         f"other families keep their own stem")
+        raise ValueError(f"cifar_stem=True: timm:{name} is not a timm ResNet or RegNet (resnet18, resnet50, "
+                         f"regnetx_002, ...); other families keep their own stem")
     first = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[0]  # deep stems: a Sequential
     conv = nn.Conv2d(first.in_channels, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")

@@ -172,7 +172,7 @@ def test_cifar_stem_is_the_published_small_image_resnet():
 def test_cifar_stem_weights_roundtrip_and_errors(tmp_path):
     from safetensors.torch import save_model
 
-    from fastdistill.models.timm_source import is_timm_resnet
+    from fastdistill.models.timm_source import takes_cifar_stem
 
     src = create_backbone("timm:resnet50", num_classes=4, cifar_stem=True).eval()
     save_model(src.model, str(tmp_path / "c.safetensors"))
@@ -184,7 +184,23 @@ def test_cifar_stem_weights_roundtrip_and_errors(tmp_path):
         create_backbone("timm:resnet50", pretrained=str(tmp_path / "c.safetensors"), num_classes=4)
     with pytest.raises(ValueError, match="hub weights carry the ImageNet stem"):
         create_backbone("timm:resnet18.tv_in1k", pretrained="hub", cifar_stem=True)
-    with pytest.raises(ValueError, match="timm:regnetx_002 is not a timm ResNet"):
-        create_backbone("timm:regnetx_002", cifar_stem=True)
-    assert is_timm_resnet("timm:resnet101") and is_timm_resnet("timm:resnet18.tv_in1k")
-    assert not is_timm_resnet("timm:regnetx_002") and not is_timm_resnet("open_clip:RN50/openai")
+    with pytest.raises(ValueError, match="timm:convnext_atto is not a timm ResNet or RegNet"):
+        create_backbone("timm:convnext_atto", cifar_stem=True)
+    assert takes_cifar_stem("timm:resnet101") and takes_cifar_stem("timm:resnet18.tv_in1k")
+    assert takes_cifar_stem("timm:regnetx_002") and not takes_cifar_stem("timm:convnext_atto")
+    assert not takes_cifar_stem("open_clip:RN50/openai")
+
+
+def test_regnet_small_image_stem_keeps_the_grid_and_the_weights():
+    # stride 1 in the stem convolution only: the same parameters, so the same state dict fits both, and a 28-px
+    # digit reaches the last stage as a 2x2 map instead of 1x1
+    torch.manual_seed(0)
+    small = create_backbone("timm:regnetx_002", num_classes=10, cifar_stem=True).eval()
+    plain = create_backbone("timm:regnetx_002", num_classes=10).eval()
+    plain.model.load_state_dict(small.model.state_dict())
+    maps = {}
+    for tag, net in (("small", small), ("plain", plain)):
+        net.model.s4.register_forward_hook(lambda m, a, out, tag=tag: maps.__setitem__(tag, tuple(out.shape[-2:])))
+        net(torch.rand(2, 3, 28, 28))
+    assert maps == {"small": (2, 2), "plain": (1, 1)}, maps
+    assert [i["reduction"] for i in small.model.feature_info] == [1, 2, 4, 8, 16]
