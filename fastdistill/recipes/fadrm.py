@@ -56,7 +56,7 @@ from fastdistill.kernels.bn_stats import arc_update
 from fastdistill.losses.bn_stats import recovery_loss
 from fastdistill.models import Backbone
 from fastdistill.models.taps import BNStatsTap
-from fastdistill.models.timm_source import takes_cifar_stem
+from fastdistill.models.timm_source import cifar_stem_kwargs
 from fastdistill.profiling import Profiler
 from fastdistill.recipes import get_recipe
 from fastdistill.teachers import calibrate_bn, frozen_backbone
@@ -239,13 +239,14 @@ class FADRMRecipe:
         return [net for net, _ in loaded], [card for _, card in loaded]
 
     def stem_kwargs(self, arch: str, image_size: tuple[int, int], weights: str = "none") -> dict:
-        """``{"cifar_stem": True}`` where ``method.cifar_stem`` gives ``arch`` the CIFAR stem, else ``{}``. ``auto``:
+        """The small-image kwargs of ``arch`` (:func:`~fastdistill.models.timm_source.cifar_stem_kwargs`) where
+        ``method.cifar_stem`` gives it the CIFAR stem, else ``{}``. ``auto``:
         ResNets and RegNets at images of at most 64 px, as the published pipelines pick their ResNets
         (Jiacheng8/FADRM ``validate/train_fkd.py``), except teachers with hub weights (ImageNet stems); ``true``:
         every ResNet and RegNet; other families keep their stems."""
         mode = self.cfg.method.cifar_stem
         on = mode is True or (mode == "auto" and max(image_size) <= 64 and weights in ("trained", "none"))
-        return {"cifar_stem": True} if on and takes_cifar_stem(arch) else {}
+        return cifar_stem_kwargs(arch) if on else {}
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

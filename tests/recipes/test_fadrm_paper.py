@@ -13,14 +13,15 @@ def _recipe(tmp_path, *extra):
 def test_cifar_stem_where_images_are_at_most_64_px(tmp_path):
     recipe = _recipe(tmp_path, "method.cifar_stem=auto")  # the paper preset's; the digits default: false
     assert _recipe(tmp_path, "preset=paper").cfg.method.cifar_stem == "auto"
-    assert recipe.stem_kwargs("timm:resnet18", (28, 28)) == {"cifar_stem": True}
-    assert recipe.stem_kwargs("timm:resnet50", (64, 64), "trained") == {"cifar_stem": True}
+    resnet = {"cifar_stem": True, "zero_init_last": False}  # torchvision's init, as the published networks
+    assert recipe.stem_kwargs("timm:resnet18", (28, 28)) == resnet
+    assert recipe.stem_kwargs("timm:resnet50", (64, 64), "trained") == resnet
     assert recipe.stem_kwargs("timm:resnet18", (224, 224)) == {}, "the ImageNet stem at 224 px, as published"
     assert recipe.stem_kwargs("timm:regnetx_002", (28, 28)) == {"cifar_stem": True}, "RegNets get stride 1 too"
     assert recipe.stem_kwargs("timm:convnext_atto", (28, 28)) == {}, "other families keep their stem"
     assert recipe.stem_kwargs("timm:resnet18.tv_in1k", (28, 28), "hub") == {}, "hub weights have the ImageNet stem"
     forced = _recipe(tmp_path, "method.cifar_stem=true")
-    assert forced.stem_kwargs("timm:resnet18", (224, 224)) == {"cifar_stem": True}
+    assert forced.stem_kwargs("timm:resnet18", (224, 224)) == resnet
     assert _recipe(tmp_path, "method.cifar_stem=false").stem_kwargs("timm:resnet18", (28, 28)) == {}
     with pytest.raises(ValueError, match="method.cifar_stem must be auto, true or false, got 'yes'"):
         _recipe(tmp_path, "method.cifar_stem=yes")
@@ -43,7 +44,8 @@ def test_cifar_stem_reaches_teachers_and_students(tmp_path, monkeypatch):
     monkeypatch.setattr(fadrm, "train_student", fake_student)
     monkeypatch.setattr(fadrm, "read_distilled", lambda *a, **k: recipe.train_set)
     recipe.evaluate()
-    assert seen == {"timm:resnet18": {"cifar_stem": True}, "timm:regnetx_002": {"cifar_stem": True}}, seen
+    assert seen == {"timm:resnet18": {"cifar_stem": True, "zero_init_last": False},
+                    "timm:regnetx_002": {"cifar_stem": True}}, seen
 
 
 # ---------------------------------------------------------------------------------------------- MRO stage sizes
