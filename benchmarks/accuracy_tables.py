@@ -11,11 +11,12 @@ SRe2L and the RDED-style init at each ipc, random real in the RDED-style runs; `
 LGM: the default preset (ResNet-18 trained on the digits) at each ipc; the linear probe on the unseen RegNetX,
 5 runs, against random real and all real images.
 
-Each (method, ipc, variant, student) is one `python -m fastdistill.run` process; the first runs of each teacher
-family go alone so the cached teachers are trained once, then the rest run `--jobs` at a time. Results are
-re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished.
+Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it; the first runs of each
+teacher family go alone so the cached teachers are trained once, then the rest run `--jobs` at a time. Results are
+re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished. On 2 CPU
+cores ipc 1 takes about an hour (a recovery: 57 s per image); ipc 10 and 50 are for a GPU.
 
-    python benchmarks/accuracy_tables.py --out-dir DIR                # everything (a GPU: ~5 minutes)
+    python benchmarks/accuracy_tables.py --out-dir DIR                # everything
     python benchmarks/accuracy_tables.py --out-dir DIR --dry          # tiny sizes: the plumbing, on CPU
     python benchmarks/accuracy_tables.py --report DIR/accuracy_tables.json   # the README's markdown
 """
@@ -50,16 +51,17 @@ COMMON = ["progress=false", "checkpoint_every=0", "compile=false", "kernels=torc
 
 
 def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10)) -> list[dict]:
-    """Every run, the ones that train a cached teacher first (``warm``)."""
+    """Every run, the ones that train a cached teacher first (``warm``). A FADRM run trains both students on the set
+    it recovers: the recovery, the dear part, runs once per cell."""
     out = []
+    students = f"method.eval.students=[{','.join(STUDENTS)}]"
     for ipc in ipcs:
         for variant in VARIANTS:
-            for student in STUDENTS:
-                args = ["+method=fadrm", *FADRM_PUBLISHED, *(FADRM_DRY if dry else []), f"ipc={ipc}",
-                        f"method.variant={variant}", f"method.eval.students=[{student}]", f"method.eval.seeds={seeds}",
-                        f"method.eval.real_random={str(variant == 'rded').lower()}"]
-                out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "student": student, "args": args,
-                            "warm": (ipc, variant, student) == (ipcs[0], "rded", STUDENTS[0])})
+            args = ["+method=fadrm", *FADRM_PUBLISHED, *(FADRM_DRY if dry else []), f"ipc={ipc}",
+                    f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
+                    f"method.eval.real_random={str(variant == 'rded').lower()}"]
+            out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args,
+                        "warm": (ipc, variant) == (ipcs[0], "rded")})
         if ipc not in lgm_ipcs:
             continue
         args = ["+method=lgm", f"ipc={ipc}", *(["preset=smoke", "method.iterations=2", "eval.epochs=1", "eval.runs=2",
@@ -70,29 +72,32 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10)) -> list[dict]:
 
 
 def name(job: dict) -> str:
-    parts = [job["method"], f"ipc{job['ipc']}", job.get("variant", ""), job.get("student", "").replace("timm:", "")]
-    return "_".join(p for p in parts if p)
+    return "_".join(p for p in (job["method"], f"ipc{job['ipc']}", job.get("variant", "")) if p)
 
 
-def collect(job: dict, folder: Path) -> dict | None:
+def collect(job: dict, folder: Path) -> list[dict] | None:
+    """The table rows of a finished run (one per student of a FADRM run), None without its metrics.json."""
     f = folder / "metrics.json"
     if not f.is_file():
         return None
     m = json.loads(f.read_text())
-    row = {k: job[k] for k in ("method", "ipc", "variant", "student") if k in job}
-    if job["method"] == "fadrm":
-        seeds = m.get("student_seeds", {}).get(job["student"])
-        for set_name, mean in m["students"][job["student"]].items():
+    base = {k: job[k] for k in ("method", "ipc", "variant") if k in job}
+    if job["method"] == "lgm":
+        return [{**base, **{k: v for k, v in m["eval"].items() if isinstance(v, dict)},
+                 "backbone": m["eval"]["backbone"]}]
+    recovery = {"recovery_s_per_image": m.get("seconds_per_image", 0.0)}
+    if m.get("recovery"):  # the recovery loss per batch: first and last logged means, averaged over batches
+        recovery.update({f"recovery_{k}": statistics.fmean(r[k] for r in m["recovery"])
+                         for k in ("loss_first", "loss_last")})
+    rows = []
+    for student, sets in m["students"].items():
+        seeds = m.get("student_seeds", {}).get(student)
+        row = {**base, "student": student, **recovery}
+        for set_name, mean in sets.items():
             per_seed = seeds[set_name]["per_seed"] if seeds else [mean]
             row[set_name] = {"mean": mean, "std": statistics.pstdev(per_seed), "per_seed": per_seed}
-        row["recovery_s_per_image"] = m.get("seconds_per_image", 0.0)
-        if m.get("recovery"):  # the recovery loss per batch: first and last logged means, averaged over batches
-            for k in ("loss_first", "loss_last"):
-                row[f"recovery_{k}"] = statistics.fmean(r[k] for r in m["recovery"])
-    else:
-        row.update({k: v for k, v in m["eval"].items() if isinstance(v, dict)})
-        row["backbone"] = m["eval"]["backbone"]
-    return row
+        rows.append(row)
+    return rows
 
 
 def run(args) -> None:
@@ -126,11 +131,11 @@ def run(args) -> None:
                     proc.kill()
                 if proc.poll() is not None:
                     running.remove(item)
-                    row = collect(job, folder) if proc.returncode == 0 else None
-                    status = "ok" if row else f"rc={proc.returncode}"
+                    found = collect(job, folder) if proc.returncode == 0 else None
+                    status = "ok" if found else f"rc={proc.returncode}"
                     print(f"{time.time() - start:6.0f}s {status} {name(job)} ({time.time() - t0:.0f} s)", flush=True)
-                    if row:
-                        rows.append({"name": name(job), "seconds": round(time.time() - t0, 1), **row})
+                    if found:
+                        rows.extend({"name": name(job), "seconds": round(time.time() - t0, 1), **r} for r in found)
                         write()
                     return
             time.sleep(1)
@@ -147,7 +152,8 @@ def run(args) -> None:
         while running:
             reap()
     write()
-    print(f"{len(rows)} of {len(todo)} runs finished in {time.time() - start:.0f} s: {out / 'accuracy_tables.json'}")
+    done = len({r["name"] for r in rows})
+    print(f"{done} of {len(todo)} runs finished in {time.time() - start:.0f} s: {out / 'accuracy_tables.json'}")
 
 
 def cell(r: dict | None, key: str) -> str:

@@ -13,30 +13,35 @@ import accuracy_tables as tables  # noqa: E402
 def test_runs_first_train_each_teacher_once_and_cover_the_table():
     jobs = tables.jobs([1, 10, 50], seeds=3, dry=False)
     names = [tables.name(j) for j in jobs]
-    assert len(names) == len(set(names)) == 3 * 3 * 2 + 2  # FADRM cells, LGM at ipc 1 and 10 only
+    assert len(names) == len(set(names)) == 3 * 3 + 2  # a FADRM run per (ipc, variant), LGM at ipc 1 and 10 only
     warm = [j for j in jobs if j["warm"]]
     assert jobs[:2] == warm and {j["method"] for j in warm} == {"fadrm", "lgm"}
     fadrm = [j for j in jobs if j["method"] == "fadrm"]
-    # random real is trained once per (ipc, student): in the RDED-style run
-    assert sum("method.eval.real_random=true" in j["args"] for j in fadrm) == 3 * 2
+    # one recovery per cell, both students on it; random real once per ipc: in the RDED-style run
+    assert all(f"method.eval.students=[{','.join(tables.STUDENTS)}]" in j["args"] for j in fadrm)
+    assert sum("method.eval.real_random=true" in j["args"] for j in fadrm) == 3
     assert all("method.eval.seeds=3" in j["args"] and "method.eval.cutmix=1.0" in j["args"] for j in fadrm)
 
 
 def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
     job = next(j for j in tables.jobs([1], 3, False) if j["method"] == "fadrm" and j["variant"] == "rded")
     per_seed = {"synthetic": [0.5, 0.6, 0.7], "real_random": [0.8, 0.8, 0.9]}
+    other = {"synthetic": [0.2, 0.2, 0.2], "real_random": [0.3, 0.3, 0.3]}
+    a, b = tables.STUDENTS
     (tmp_path / "metrics.json").write_text(json.dumps({
-        "students": {job["student"]: {k: statistics.fmean(v) for k, v in per_seed.items()}},
-        "student_seeds": {job["student"]: {k: {"per_seed": v} for k, v in per_seed.items()}},
+        "students": {s: {k: statistics.fmean(v) for k, v in d.items()} for s, d in ((a, per_seed), (b, other))},
+        "student_seeds": {s: {k: {"per_seed": v} for k, v in d.items()} for s, d in ((a, per_seed), (b, other))},
         "seconds_per_image": 0.0, "recovery": []}))
-    row = tables.collect(job, tmp_path)
-    assert row["synthetic"]["per_seed"] == per_seed["synthetic"]
-    assert abs(row["synthetic"]["std"] - statistics.pstdev(per_seed["synthetic"])) < 1e-12
+    rows = tables.collect(job, tmp_path)
+    assert [r["student"] for r in rows] == [a, b]
+    assert rows[0]["synthetic"]["per_seed"] == per_seed["synthetic"]
+    assert abs(rows[0]["synthetic"]["std"] - statistics.pstdev(per_seed["synthetic"])) < 1e-12
     assert tables.collect(job, tmp_path / "missing") is None
     result = tmp_path / "accuracy_tables.json"
     result.write_text(json.dumps({"device": "cpu", "git_sha": "x", "seeds": 3, "missing": ["lgm_ipc1"],
-                                  "rows": [{"name": tables.name(job), **row}]}))
+                                  "rows": [{"name": tables.name(job), **r} for r in rows]}))
     tables.report(str(result))
     out = capsys.readouterr().out
-    assert f"| 1 | {job['student']} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out
+    assert f"| 1 | {a} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out
+    assert f"| 1 | {b} | - | - | 0.200 ± 0.000 | 0.300 ± 0.000 |" in out
     assert "not finished: lgm_ipc1" in out
