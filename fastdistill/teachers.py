@@ -125,7 +125,8 @@ def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, clas
                     **kwargs) -> tuple[Backbone, dict]:
     """A frozen backbone and its card (without the training history). ``weights=trained`` trains ``model`` on the
     run's data with ``+method=teacher preset=<preset>`` (``train``: that recipe's ``main``; cached, class order
-    checked); anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``.
+    checked); a run folder (a ``teacher.json`` card) is loaded as its card builds it (:func:`load_run`), kwargs
+    and all; anything else is the factory's ``pretrained`` (none | hub | a weights file), built with ``kwargs``.
     ``model_kwargs`` shape the network itself (e.g. ``{"cifar_stem": True}``): added to the teacher preset's own
     for a trained teacher, so they are part of its cache key, and passed to the factory otherwise."""
     if weights == "trained":
@@ -137,6 +138,13 @@ def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, clas
         folder = ensure_trained(train, tcfg)
         net, card = load_run(folder, classes)
         return net, {k: v for k, v in card.items() if k != "history"}
+    if Path(weights, CARD).is_file():  # a run folder (+method=teacher, dino, mae): its card names the network
+        net, card = load_run(weights, classes)
+        if card["model"] != model or model_kwargs or kwargs:
+            raise ValueError(f"run folder '{weights}' holds {card['model']} with {card.get('model_kwargs', {})}; "
+                             f"name {card['model']} and no constructor kwargs for it (got {model}, "
+                             f"{({**(model_kwargs or {}), **kwargs})})")
+        return net, {**{k: v for k, v in card.items() if k != "history"}, "weights": str(weights)}
     net = create_backbone(model, pretrained=weights, **(model_kwargs or {}), **kwargs).freeze()
     return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
 

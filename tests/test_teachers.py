@@ -125,3 +125,25 @@ def test_model_kwargs_reach_the_trained_teacher_and_its_cache_key(tmp_path, monk
     assert len(seen) == 2 and dict(seen[0].method.model_kwargs) == {"cifar_stem": True}
     assert config_hash(seen[0]) != config_hash(seen[1]), "the stem must be part of the teacher cache key"
     assert net.model.conv1.stride == (1, 1) and plain.model.conv1.stride == (2, 2), "each loaded with its own stem"
+
+
+def test_a_run_folder_loads_as_its_card_builds_it(tmp_path):
+    # a CIFAR-stem run: its weights fit only the network its card's kwargs build, and no caller has to repeat them
+    folder, classes, kwargs = tmp_path / "run", ["a", "b", "c"], {"cifar_stem": True}
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = create_backbone(MODEL, num_classes=3, **kwargs).eval()
+    save_model(net.model, str(folder / WEIGHTS))
+    (folder / CARD).write_text(json.dumps({"model": MODEL, "model_kwargs": kwargs, "classes": classes,
+                                           "method": "teacher"}))
+    cfg = compose(["+method=fadrm", "preset=smoke"])
+    loaded, card = frozen_backbone(MODEL, str(folder), cfg, "smoke", classes)
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), net(x), msg="the run's classifier through its CIFAR stem")
+    assert card["model_kwargs"] == kwargs and card["weights"] == str(folder)
+    with pytest.raises(ValueError, match=r"holds timm:test_resnet with \{'cifar_stem': True\}; name timm:test_resnet"):
+        frozen_backbone("timm:resnet18", str(folder), cfg, "smoke", classes)
+    with pytest.raises(ValueError, match=r"no constructor kwargs for it \(got timm:test_resnet, \{'img_size': 16\}"):
+        frozen_backbone(MODEL, str(folder), cfg, "smoke", classes, img_size=16)
+    with pytest.raises(ValueError, match="class indices would not match"):
+        frozen_backbone(MODEL, str(folder), cfg, "smoke", ["c", "b", "a"])
