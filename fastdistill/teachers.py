@@ -135,18 +135,19 @@ def frozen_backbone(model: str, weights: str, cfg: DictConfig, preset: str, clas
         tcfg = training_config("teacher", model, preset, cfg)
         if model_kwargs:
             tcfg.method.model_kwargs = {**OmegaConf.to_container(tcfg.method.model_kwargs), **model_kwargs}
-        folder = ensure_trained(train, tcfg)
-        net, card = load_run(folder, classes)
-        return net, {k: v for k, v in card.items() if k != "history"}
-    if Path(weights, CARD).is_file():  # a run folder (+method=teacher, dino, mae): its card names the network
-        net, card = load_run(weights, classes)
+        folder, extra = ensure_trained(train, tcfg), {}
+    elif Path(weights, CARD).is_file():  # a run folder (+method=teacher, dino, mae): its card names the network
+        card = read_card(weights)  # checked before anything is built
         if card["model"] != model or model_kwargs or kwargs:
             raise ValueError(f"run folder '{weights}' holds {card['model']} with {card.get('model_kwargs', {})}; "
                              f"name {card['model']} and no constructor kwargs for it (got {model}, "
                              f"{({**(model_kwargs or {}), **kwargs})})")
-        return net, {**{k: v for k, v in card.items() if k != "history"}, "weights": str(weights)}
-    net = create_backbone(model, pretrained=weights, **(model_kwargs or {}), **kwargs).freeze()
-    return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
+        folder, extra = weights, {"weights": str(weights)}
+    else:
+        net = create_backbone(model, pretrained=weights, **(model_kwargs or {}), **kwargs).freeze()
+        return net, {"model": model, "weights": weights, "classes": None}  # no class order to check
+    net, card = load_run(folder, classes)
+    return net, {**{k: v for k, v in card.items() if k != "history"}, **extra}
 
 
 @torch.no_grad()
