@@ -13,8 +13,10 @@ LGM: the default preset (ResNet-18 trained on the digits) at each ipc; the linea
 
 Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it; the first runs of each
 teacher family go alone so the cached teachers are trained once, then the rest run `--jobs` at a time. Results are
-re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished. On 2 CPU
-cores ipc 1 takes about an hour (a recovery: 57 s per image); ipc 10 and 50 are for a GPU.
+re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished. Run again
+into the same `--out-dir`, finished runs are read back, not re-run, and a run cut off continues from its checkpoint
+(mid-recovery, or after its last finished student); with the teachers already in that folder's cache nothing runs
+alone. On 2 CPU cores ipc 1 takes about an hour (a recovery: 57 s per image); ipc 10 about 4 h; ipc 50 is for a GPU.
 
     python benchmarks/accuracy_tables.py --out-dir DIR                # everything
     python benchmarks/accuracy_tables.py --out-dir DIR --dry          # tiny sizes: the plumbing, on CPU
@@ -46,22 +48,22 @@ FADRM_PUBLISHED = [
 FADRM_DRY = ["preset=smoke", "method.stage_iterations=2", "method.eval.epochs=1", "method.candidates_per_class=4"]
 VARIANTS = ("fadrm", "sre2l", "rded")
 STUDENTS = ("timm:resnet18", "timm:regnetx_002")
-COMMON = ["progress=false", "checkpoint_every=0", "compile=false", "kernels=torch", "num_workers=0"]  # the torch
+COMMON = ["progress=false", "checkpoint_every=100", "compile=false", "kernels=torch", "num_workers=0"]  # the torch
 # kernels: the same maths as the Triton ones (tests/kernels), and the path every CPU run of these tables takes
 
 
-def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10)) -> list[dict]:
+def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS) -> list[dict]:
     """Every run, the ones that train a cached teacher first (``warm``). A FADRM run trains both students on the set
     it recovers: the recovery, the dear part, runs once per cell."""
     out = []
     students = f"method.eval.students=[{','.join(STUDENTS)}]"
     for ipc in ipcs:
-        for variant in VARIANTS:
+        for variant in variants:
             args = ["+method=fadrm", *FADRM_PUBLISHED, *(FADRM_DRY if dry else []), f"ipc={ipc}",
                     f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
                     f"method.eval.real_random={str(variant == 'rded').lower()}"]
             out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args,
-                        "warm": (ipc, variant) == (ipcs[0], "rded")})
+                        "warm": (ipc, variant) == (ipcs[0], variants[-1])})
         if ipc not in lgm_ipcs:
             continue
         args = ["+method=lgm", f"ipc={ipc}", *(["preset=smoke", "method.iterations=2", "eval.epochs=1", "eval.runs=2",
@@ -100,12 +102,31 @@ def collect(job: dict, folder: Path) -> list[dict] | None:
     return rows
 
 
+def resume(todo: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of the runs already finished in ``out`` and the runs still to launch, those cut off (a checkpoint in
+    their folder) continuing with ``resume=true``."""
+    rows, rest = [], []
+    for job in todo:
+        folder = out / "runs" / name(job)
+        found = collect(job, folder)
+        if found:
+            rows.extend({"name": name(job), **r} for r in found)
+        elif any(folder.glob("checkpoint*.pt")):
+            rest.append({**job, "args": [*job["args"], "resume=true"]})
+        else:
+            rest.append(job)
+    return rows, rest
+
+
 def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc)
+    todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants))
+    rows, launch_list = resume(todo, out)
+    if any((out / "cache").glob("*")):  # teachers trained by an earlier call: no run needs to go first alone
+        launch_list = [{**j, "warm": False} for j in launch_list]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDISTILL_CACHE": str(out / "cache")}
-    start, rows, running, log = time.time(), [], [], open(out / "runs.log", "a")
+    start, running, log = time.time(), [], open(out / "runs.log", "a")
     # the runs' device (device=auto), named once: the runs are child processes
     device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -140,11 +161,12 @@ def run(args) -> None:
                     return
             time.sleep(1)
 
+    warmed = {j["method"] for j in launch_list if j["warm"]}
     for warm in (True, False):
-        for job in [j for j in todo if j["warm"] == warm]:
+        for job in [j for j in launch_list if j["warm"] == warm]:
             if time.time() - start > args.budget:
                 break
-            if not warm and not any(r["method"] == job["method"] for r in rows):
+            if not warm and job["method"] in warmed and not any(r["method"] == job["method"] for r in rows):
                 continue  # its first run (the one that trains the teachers) failed: runs.log says why
             while len(running) >= args.jobs:
                 reap()
@@ -186,7 +208,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="benchmarks/results/accuracy_tables")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
-    p.add_argument("--lgm-ipc", type=int, nargs="+", default=[1, 10], help="the LGM rows (of those in --ipc)")
+    p.add_argument("--lgm-ipc", type=int, nargs="*", default=[1, 10], help="the LGM rows (of those in --ipc); none: "
+                   "FADRM only")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="the FADRM columns to run (calls with different ones can share an --out-dir)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budget", type=float, default=1e9, help="seconds; runs still going then are killed")

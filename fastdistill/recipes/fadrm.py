@@ -536,6 +536,9 @@ class FADRMRecipe:
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
         synthetic = read_distilled(self.out.path, self.classes, self.channels)
         students, m = {}, cfg.method
+        # every finished student's accuracy, written as it ends: a resumed run trains only the ones still missing
+        done_file = self.out.path / "students_done.json"
+        finished = json.loads(done_file.read_text()) if cfg.resume and done_file.is_file() else {}
         with self.profiler.phase("evaluate"):
             for i, arch in enumerate(e.students):
                 runs: dict[str, list[float]] = {}
@@ -547,6 +550,10 @@ class FADRMRecipe:
                     for name, images in sets.items():
                         # the same seed for both sets: the same initial student and augmentation stream
                         seed = cfg.seed + 1000 * i + k
+                        key = f"{arch}/{name}/{seed}"
+                        if key in finished:
+                            runs.setdefault(name, []).append(finished[key])
+                            continue
                         stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
                         r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
                                           self.device, self.precision, seed=seed,
@@ -555,6 +562,9 @@ class FADRMRecipe:
                                           description=f"student {arch} on {name}", stored_labels=stored,
                                           log=self.out.log, phase=f"student/{arch}/{name}")
                         runs.setdefault(name, []).append(r["test_acc"])
+                        finished[key] = r["test_acc"]
+                        if dist.is_main():
+                            self.out.write_json(done_file.name, finished)
                 students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
                 self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
                                             for name, accs in runs.items()}

@@ -45,3 +45,22 @@ def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
     assert f"| 1 | {a} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out
     assert f"| 1 | {b} | - | - | 0.200 ± 0.000 | 0.300 ± 0.000 |" in out
     assert "not finished: lgm_ipc1" in out
+
+
+def test_resume_reads_finished_runs_and_continues_cut_off_ones(tmp_path):
+    todo = tables.jobs([10], 3, False, lgm_ipcs=())
+    assert [j["method"] for j in todo] == ["fadrm"] * 3, "no LGM row when none is asked for"
+    by_name = {tables.name(j): j for j in todo}
+    finished, cut, fresh = (tmp_path / "runs" / n for n in ("fadrm_ipc10_sre2l", "fadrm_ipc10_fadrm",
+                                                              "fadrm_ipc10_rded"))
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({
+        "students": {"timm:resnet18": {"synthetic": 0.5}}, "seconds_per_image": 1.0, "recovery": []}))
+    cut.mkdir()
+    (cut / "checkpoint.pt").write_bytes(b"")
+    rows, rest = tables.resume(todo, tmp_path)
+    assert [r["name"] for r in rows] == ["fadrm_ipc10_sre2l"] and rows[0]["synthetic"]["mean"] == 0.5
+    rest = {tables.name(j): j for j in rest}
+    assert sorted(rest) == ["fadrm_ipc10_fadrm", "fadrm_ipc10_rded"]
+    assert rest["fadrm_ipc10_fadrm"]["args"] == [*by_name["fadrm_ipc10_fadrm"]["args"], "resume=true"]
+    assert rest["fadrm_ipc10_rded"]["args"] == by_name["fadrm_ipc10_rded"]["args"] and fresh.name in rest

@@ -133,6 +133,27 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
     assert resumed.history == full.history
 
 
+def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch):
+    full = run(_cfg(tmp_path, "s", "method.eval.seeds=2"))
+    done = json.loads((tmp_path / "s" / "students_done.json").read_text())
+    assert sorted(done) == ["timm:resnet18/synthetic/0", "timm:resnet18/synthetic/1"]
+    del done["timm:resnet18/synthetic/1"]  # as if killed while the second seed trained
+    (tmp_path / "s" / "students_done.json").write_text(json.dumps(done))
+
+    import fastdistill.recipes.fadrm as fadrm
+
+    real_train, seeds = fadrm.train_student, []
+
+    def counted(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fadrm, "train_student", counted)
+    resumed = run(_cfg(tmp_path, "s", "method.eval.seeds=2", "resume=true"))
+    assert seeds == [1], "only the student that had not finished is trained again"
+    assert resumed["student_seeds"] == full["student_seeds"], "the same seeds give the same accuracies"
+
+
 def test_patch_selection_keeps_one_crop_per_source_image(tmp_path):
     # near-full crops, so each selected patch is recognisably the candidate it came from
     recipe = FADRMRecipe(_cfg(tmp_path, "sel", "ipc=3", "method.candidates_per_class=5", "method.crops_per_image=4",
