@@ -20,7 +20,7 @@ alone. On 2 CPU cores ipc 1 takes about an hour (a recovery: 57 s per image); ip
 
     python benchmarks/accuracy_tables.py --out-dir DIR                # everything
     python benchmarks/accuracy_tables.py --out-dir DIR --dry          # tiny sizes: the plumbing, on CPU
-    python benchmarks/accuracy_tables.py --report DIR/accuracy_tables.json   # the README's markdown
+    python benchmarks/accuracy_tables.py --report DIR/accuracy_tables.json [MORE.json]   # the README's markdown
 """
 from __future__ import annotations
 
@@ -184,11 +184,15 @@ def cell(r: dict | None, key: str) -> str:
     return f"{r[key]['mean']:.3f} ± {r[key]['std']:.3f}"
 
 
-def report(path: str) -> None:
-    d = json.loads(Path(path).read_text())
+def report(paths: list[str]) -> None:
+    """The tables of one or more result files (e.g. ipc 1 and ipc 10 measured by separate calls); a row in a later
+    file replaces the same row in an earlier one."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    d = {"rows": list({(r["name"], r.get("student")): r for f in files for r in f["rows"]}.values()),
+         "missing": sorted({m for f in files for m in f["missing"]} - {r["name"] for f in files for r in f["rows"]})}
     fadrm = {(r["ipc"], r["variant"], r["student"]): r for r in d["rows"] if r["method"] == "fadrm"}
-    print(f"FADRM, {d['seeds']} student seeds, mean ± std (population, as the runs report it), {d['device']}, "
-          f"git {d['git_sha']}\n")
+    where = "; ".join(f"{f['device']}, git {f['git_sha']}, {f['seeds']} student seeds" for f in files)
+    print(f"FADRM, mean ± std over student seeds (population, as the runs report it): {where}\n")
     print("| ipc | student | FADRM | SRe2L | RDED-style | random real |\n|---|---|---|---|---|---|")
     for ipc in sorted({k[0] for k in fadrm}):
         for s in STUDENTS:
@@ -216,7 +220,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budget", type=float, default=1e9, help="seconds; runs still going then are killed")
     p.add_argument("--dry", action="store_true", help="tiny sizes (smoke presets, a couple of iterations)")
-    p.add_argument("--report", help="print the markdown tables of this accuracy_tables.json and exit")
+    p.add_argument("--report", nargs="+", help="print the markdown tables of these accuracy_tables.json and exit")
     args = p.parse_args()
     if args.report:
         report(args.report)

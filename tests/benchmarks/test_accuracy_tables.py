@@ -40,11 +40,20 @@ def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
     result = tmp_path / "accuracy_tables.json"
     result.write_text(json.dumps({"device": "cpu", "git_sha": "x", "seeds": 3, "missing": ["lgm_ipc1"],
                                   "rows": [{"name": tables.name(job), **r} for r in rows]}))
-    tables.report(str(result))
+    tables.report([str(result)])
     out = capsys.readouterr().out
     assert f"| 1 | {a} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out
     assert f"| 1 | {b} | - | - | 0.200 ± 0.000 | 0.300 ± 0.000 |" in out
     assert "not finished: lgm_ipc1" in out
+    # a second file (another call, another ipc) adds its rows, and what it finished is no longer missing
+    later = tmp_path / "later.json"
+    ipc10 = [{**r, "name": "fadrm_ipc10_rded", "ipc": 10} for r in rows] + [
+        {"name": "lgm_ipc1", "method": "lgm", "ipc": 1, "synthetic": rows[0]["synthetic"]}]
+    later.write_text(json.dumps({"device": "gpu", "git_sha": "y", "seeds": 3, "missing": [], "rows": ipc10}))
+    tables.report([str(result), str(later)])
+    out = capsys.readouterr().out
+    assert f"| 10 | {a} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out and f"| 1 | {b} |" in out
+    assert "cpu, git x" in out and "gpu, git y" in out and "not finished" not in out
 
 
 def test_resume_reads_finished_runs_and_continues_cut_off_ones(tmp_path):
