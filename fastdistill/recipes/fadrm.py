@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +219,8 @@ class FADRMRecipe:
         self.selection = None  # per class: the source images and crop windows of its patches
         self.done: set[int] = set()  # recovered batches (of any rank, after a resume)
         self.history = {}  # batch -> recovery loss at its start and end
+        # the recovery's wall time spent by the processes before a resume, and when this process's began
+        self.recover_before, self.recover_start = 0.0, None
         self.inner = None  # state of the batch in progress (for mid-batch resume)
 
     def _load_teachers(self) -> tuple[list[Backbone], list[dict]]:
@@ -379,6 +382,7 @@ class FADRMRecipe:
         if self.optimize and self.cfg.resume:  # batches recovered before the kill stay logged; the rest is redone
             finished = [b for b in mine if b in self.done]
             self.out.rewind("recover", (max(finished) + 1) * per_batch if finished else 0)
+        self.recover_start = time.perf_counter()
         with console.progress(self.cfg.progress) as bar, self.profiler.phase(phase, images=self.n_images):
             task = bar.add_task(f"{m.variant} ipc {self.cfg.ipc}", total=len(mine) * per_batch,
                                 completed=len(self.done.intersection(mine)) * per_batch, info="")
@@ -591,8 +595,9 @@ class FADRMRecipe:
     def save_checkpoint(self) -> None:
         """This rank's file: its finished batches (their pixels are on disk), the batch in progress and the patch
         selection (source indices and crop windows: a few numbers per patch)."""
+        spent = self.recover_before + (time.perf_counter() - self.recover_start if self.recover_start else 0.0)
         save_checkpoint(self.out.path, {"selection": self.selection, "done": sorted(self.done), "inner": self.inner,
-                                        "history": self.history,
+                                        "history": self.history, "recover_seconds": spent,
                                         "config": OmegaConf.to_container(self.cfg.method, resolve=True)}, sharded=True)
 
     def load_checkpoint(self) -> None:
@@ -609,6 +614,7 @@ class FADRMRecipe:
         for state in shards:
             self.done.update(state["done"])
             self.history.update(state["history"])
+        self.recover_before = max(state.get("recover_seconds", 0.0) for state in shards)  # the ranks ran side by side
         own = load_checkpoint(self.out.path, sharded=True)  # restores this rank's RNG
         inner = own["inner"] if own else None
         if inner is not None and inner["batch"] in dist.shard(len(self.batches)) and inner["batch"] not in self.done:
@@ -621,7 +627,7 @@ class FADRMRecipe:
             show = torch.cat([distilled.class_index(c)[:10] for c in range(min(self.num_classes, 100))])
             self.out.save_preview(distilled.take(show).float().div(255),
                                   nrow=min(cfg.ipc, 10) if cfg.ipc > 1 else min(self.num_classes, 100))
-        recover_s = self.profiler.seconds.get("recover", 0.0)
+        recover_s = self.profiler.seconds.get("recover", 0.0) + self.recover_before  # a resumed run: all of it
         metrics = {"students": students, "ipc": cfg.ipc, "variant": cfg.method.variant,
                    "teachers": list(cfg.method.teachers),
                    "recovery": [self.history[b] for b in sorted(self.history)],

@@ -123,6 +123,7 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch):
     resumed.out.write_config(resumed.cfg)
     resumed.setup()
     assert resumed.inner is not None and resumed.inner["stage"] == 1
+    assert resumed.recover_before > 0, "the recovery time before the kill counts in seconds_per_image"
     resumed.train()
     torch.testing.assert_close(_saved(tmp_path / "broken"), _saved(tmp_path / "full"), rtol=0, atol=0,
                                msg="resumed synthetic images")
