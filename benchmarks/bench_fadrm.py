@@ -1,7 +1,7 @@
 """Benchmark FADRM recovery: time per synthetic image and peak memory with MPT + MRO on and off, and the fused
 BN-statistics kernel against the published hook over the BN layers of resnet18.
 
-Recovery providers (one batch of ``--classes`` images through every stage of ``recover_batch``, the recipe's own
+Recovery providers (one batch of ``--classes`` images through every stage of ``recover_batches``, the recipe's own
 code, random-init resnet18 teacher, ARC on):
     eager      the published recovery step as its authors' code computes it: fp32 teacher, every stage at the full
                resolution (no MRO), and the published BN hook written plainly below (mean, permute-contiguous var,
@@ -96,7 +96,7 @@ def recovery_closure(provider: str, args, device: torch.device, out_dir: str, pr
 
     def fn():
         recipe.history = {}
-        return recipe.recover_batch(0, patches, bar, task)
+        return recipe.recover_batches([0], patches, [torch.Generator().manual_seed(0)], bar, task)
     return fn
 
 

@@ -9,7 +9,7 @@ Around them, the step as that file runs it: torchvision ``RandomResizedCrop`` + 
 batch tensor, a random roll, forward, cross-entropy + ``r_bn`` x the hooks' sum (the first BN layer x
 ``first_bn_multiplier``), backward, Adam (betas 0.5 / 0.9), clip to the normalised pixel range. fp32: its fp16
 autocast is CUDA's, so on CPU the official step runs fp32. fastdistill's iteration is the recipe's own
-``recover_batch`` (``bench_fadrm.recovery_closure``: fused BN statistics, every stage at full resolution) in fp32
+``recover_batches`` (``bench_fadrm.recovery_closure``: fused BN statistics, every stage at full resolution) in fp32
 and bf16. A random-init ResNet-18 (torchvision for the official step, timm for fastdistill: the same layers);
 ``--classes`` images, one per class (published batch 100).
 
@@ -106,7 +106,7 @@ def fadrm_roll(resolution: int) -> int:
 
 
 def fastdistill_fadrm(args, resolution: int, precision: str, tmp: str):
-    """The recipe's ``recover_batch`` over ``args.iterations`` iterations (one stage) at ``resolution``."""
+    """The recipe's ``recover_batches`` over ``args.iterations`` iterations (one stage) at ``resolution``."""
     ns = argparse.Namespace(arch="resnet18", resolution=resolution, low=resolution, classes=args.classes,
                             iterations=args.iterations, roll=fadrm_roll(resolution))
     return recovery_closure("fast_bn", ns, torch.device("cpu"), tmp, precision=precision, stages=1)

@@ -58,7 +58,22 @@ def bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torc
         torch.linalg.vector_norm(mean - running_mean.to(x.dtype))
 
 
-def recovery_loss(logits: torch.Tensor, targets: torch.Tensor, bn_loss: torch.Tensor, r_bn: float) -> torch.Tensor:
+def grouped_bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                          groups: int) -> torch.Tensor:
+    """:func:`bn_stats_loss` of each of ``groups`` equal, consecutive slices of the batch, as a (groups,) tensor:
+    recovery batches optimised side by side in one forward each keep their own batch statistics."""
+    _check_bn_input(x, running_mean, running_var)
+    if groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"bn_stats: a batch of {x.shape[0]} does not split into {groups} equal groups")
+    x = _at_least_fp32(x)
+    x = x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)  # (G, n, C, H*W)
+    var, mean = torch.var_mean(x, dim=(1, 3), correction=0)  # (G, C)
+    return torch.linalg.vector_norm(var - running_var.to(x.dtype), dim=1) + \
+        torch.linalg.vector_norm(mean - running_mean.to(x.dtype), dim=1)
+
+
+def recovery_loss(logits: torch.Tensor, targets: torch.Tensor, bn_loss: torch.Tensor, r_bn: float,
+                  groups: int = 1) -> torch.Tensor:
     r"""The SRe2L / FADRM recovery objective on one augmented batch: :math:`\mathrm{CE}(z, y) + r_{bn} L_{bn}`.
 
     ``L_bn`` is the weighted sum :math:`\sum_l m_l \, \mathrm{bn\_stats\_loss}_l` over the teacher's BN layers
@@ -70,11 +85,16 @@ def recovery_loss(logits: torch.Tensor, targets: torch.Tensor, bn_loss: torch.Te
         targets: int64 (N,) class indices.
         bn_loss: scalar BN-statistics term (fp32, or float64 in checks).
         r_bn: its weight.
+        groups: ``groups > 1``: the batch is that many recovery batches side by side (equal, consecutive slices),
+            ``bn_loss`` their (groups,) terms (:func:`grouped_bn_stats_loss`); each gets its own CE mean.
 
     Returns:
-        Scalar in the promoted dtype of the logits and the BN term.
+        Scalar (a (groups,) tensor with ``groups > 1``) in the promoted dtype of the logits and the BN term.
     """
-    ce = F.cross_entropy(_at_least_fp32(logits), targets)
+    if groups == 1:
+        ce = F.cross_entropy(_at_least_fp32(logits), targets)
+    else:
+        ce = F.cross_entropy(_at_least_fp32(logits), targets, reduction="none").view(groups, -1).mean(1)
     return ce + r_bn * bn_loss
 
 

@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from fastdistill.kernels.bn_stats import bn_eval_with_stats_loss, bn_stats_loss
+from fastdistill.losses.bn_stats import grouped_bn_stats_loss
 from fastdistill.models.backbone import Backbone
 from fastdistill.models.timm_source import queries_keys
 
@@ -28,11 +29,14 @@ class BNStatsTap:
         self.backend = backend
         self.terms: list[torch.Tensor] = []
         self.active = False  # other forwards of the teacher (scoring, relabelling) record nothing
+        self.groups = 1
         self.handles = [bn.register_forward_hook(self._hook) for _, bn in self.layers]
 
     @contextlib.contextmanager
-    def collect(self):
-        self.active, self.terms = True, []
+    def collect(self, groups: int = 1):
+        """Record the BN terms of the forwards inside; ``groups > 1``: the batch is that many recovery batches side by
+        side and each term a (groups,) tensor of their own statistics' distances."""
+        self.active, self.terms, self.groups = True, [], groups
         try:
             yield self
         finally:
@@ -42,6 +46,9 @@ class BNStatsTap:
         if not self.active:
             return None
         x = inputs[0]
+        if self.groups > 1:
+            self.terms.append(grouped_bn_stats_loss(x, module.running_mean, module.running_var, self.groups))
+            return None
         if not module.training and (self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda")) \
                 and module.weight is not None and not module.weight.requires_grad:
             # the torch path: the layer and its term as one node, whose backward writes one gradient where autograd
@@ -53,7 +60,7 @@ class BNStatsTap:
         return None
 
     def loss(self) -> torch.Tensor:
-        """The weighted sum over the last forward pass (fp32 scalar); clears the collected terms."""
+        """The weighted sum over the last forward pass (fp32 scalar, or (groups,)); clears the collected terms."""
         if len(self.terms) != len(self.layers):
             raise RuntimeError(f"BNStatsTap saw {len(self.terms)} BN inputs for {len(self.layers)} layers: "
                                f"call loss() once after each forward")

@@ -23,7 +23,8 @@ through the data loader, with the teachers' soft labels, next to the same number
 (``eval/student.py``).
 
 Under torchrun the batches are divided among the ranks; every batch is seeded by its index alone, so K ranks
-recover the same set as one process. Each rank writes and checkpoints its own batches; when all are done the
+recover the same set as one process. ``method.parallel_batches`` recovers that many batches side by side in one
+forward, each with its own statistics, CE and augmentation stream: the same set, a fuller GPU. Each rank writes and checkpoints its own batches; when all are done the
 students train as DDP replicas on the set read back from disk, and rank 0 writes the other artifacts.
 
 Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
@@ -43,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastdistill import console
 from fastdistill.artifacts import RunDir, read_distilled, to_uint8
 from fastdistill.data import build_dataset
-from fastdistill.data.transforms import apply_windows, crop_windows, random_resized_crop, to_input
+from fastdistill.data.transforms import apply_windows, crop_windows, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
 from fastdistill.engine.precision import channels_last_pays, mpt_precision
 from fastdistill.engine import distributed as dist
@@ -147,6 +148,9 @@ class FADRMRecipe:
         if isinstance(m.batch_size, bool) or not isinstance(m.batch_size, int) or m.batch_size < 1:
             raise ValueError(f"method.batch_size must be an integer >= 1 (images per recovery batch, published 100), "
                              f"got {m.batch_size!r}")
+        if isinstance(m.parallel_batches, bool) or not isinstance(m.parallel_batches, int) or m.parallel_batches < 1:
+            raise ValueError(f"method.parallel_batches must be an integer >= 1 (recovery batches side by side), got "
+                             f"{m.parallel_batches!r}")
         weights = m.teacher_weights
         if not isinstance(weights, str) and len(weights) != len(m.teachers):
             raise ValueError(f"method.teacher_weights has {len(weights)} entries for {len(m.teachers)} teachers")
@@ -191,7 +195,7 @@ class FADRMRecipe:
 
     def prepare_recovery(self, teachers: list[Backbone], image_size: tuple[int, int], channels: int,
                          num_classes: int) -> None:
-        """Teachers, BN taps, stage sizes and the (empty) synthetic set: all that :meth:`recover_batch` needs.
+        """Teachers, BN taps, stage sizes and the (empty) synthetic set: all that :meth:`recover_batches` needs.
         ``setup`` calls it with the run's data; ``benchmarks/bench_fadrm.py`` with random-init teachers."""
         cfg, m = self.cfg, self.cfg.method
         self.image_size, self.channels, self.num_classes = tuple(image_size), channels, num_classes
@@ -386,26 +390,47 @@ class FADRMRecipe:
         with console.progress(self.cfg.progress) as bar, self.profiler.phase(phase, images=self.n_images):
             task = bar.add_task(f"{m.variant} ipc {self.cfg.ipc}", total=len(mine) * per_batch,
                                 completed=len(self.done.intersection(mine)) * per_batch, info="")
-            for b in mine:
-                if b in self.done:
-                    continue
-                if self.inner is None or self.inner["batch"] != b:
-                    # seeded by the batch alone: the set does not depend on the number of ranks or on the order
-                    seed_everything(self.cfg.seed * 1_000_003 + 7919 * (b + 1))
-                patches = self.batch_patches(b)
+            for group in self.recovery_groups(mine):
+                patches, generators = [], []
+                for b in group:
+                    # seeded by the batch alone: the set does not depend on the number of ranks, the order or the
+                    # grouping (the noise init of SRe2L draws from the global stream, the recovery from the batch's)
+                    seed_everything(self.batch_seed(b))
+                    patches.append(self.batch_patches(b))
+                    generators.append(torch.Generator().manual_seed(self.batch_seed(b)))
                 if self.optimize:
-                    images = self.recover_batch(b, patches, bar, task)
+                    images = self.recover_batches(group, torch.cat(patches), generators, bar, task)
                 else:
-                    images = patches.cpu()
-                    bar.update(task, advance=1)
-                self.write_batch(b, images)
-                self.done.add(b)
+                    images = torch.cat(patches).cpu()
+                    bar.update(task, advance=len(group))
+                for b, part in zip(group, images.split([len(p) for p in patches])):
+                    self.write_batch(b, part)
+                    self.done.add(b)
                 self.inner = None
                 self.save_checkpoint()
         dist.barrier()  # every rank's batches are on disk before anyone reads the set
         if dist.world_size() > 1:
             for h in dist.all_gather_object(self.history):
                 self.history.update(h)
+
+    def batch_seed(self, b: int) -> int:
+        return self.cfg.seed * 1_000_003 + 7919 * (b + 1)
+
+    def recovery_groups(self, mine: list[int]) -> list[list[int]]:
+        """This rank's unfinished batches in groups of up to ``method.parallel_batches`` consecutive batches of one
+        size (recovered side by side in one forward); a group cut off mid-recovery first, as it was."""
+        todo, groups, size = [b for b in mine if b not in self.done], [], lambda b: len(self.batches[b][1])
+        if self.inner is not None:
+            groups.append(list(self.inner["batches"]))
+            todo = [b for b in todo if b not in groups[0]]
+        fresh = len(groups)  # groups from here on may grow
+        for b in todo:
+            if len(groups) > fresh and len(groups[-1]) < self.cfg.method.parallel_batches and \
+                    size(groups[-1][-1]) == size(b):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        return groups
 
     def write_batch(self, b: int, images: torch.Tensor) -> None:
         """Batch ``b``'s [0, 1] images as ``distilled/<class>/<k>.png`` and, with ``relabel=store``, the teachers'
@@ -424,29 +449,35 @@ class FADRMRecipe:
                 save_file({"logits": logits.half().cpu().contiguous(), "labels": labels,
                            "index": self.batch_index(b)}, str(tmp), metadata={"classes": json.dumps(self.classes)})
 
-    def recover_batch(self, b: int, patches: torch.Tensor, bar, task) -> torch.Tensor:
-        """Recover batch ``b`` from its starting patches ([0, 1] (n, C, H, W)) through every stage; returns
-        pixels at full size on the CPU."""
+    def recover_batches(self, group: list[int], patches: torch.Tensor, generators: list[torch.Generator], bar,
+                        task) -> torch.Tensor:
+        """Recover the batches of ``group`` side by side from their starting patches ([0, 1] (n, C, H, W), the
+        batches' images one after another, all of one size) through every stage; returns pixels at full size on the
+        CPU. Each batch keeps its BN statistics, CE mean, augmentation draws (from its ``generators`` entry) and loss
+        curve, and Adam is elementwise: the images are those of the batches recovered one at a time. The one thing
+        they share is the GradScaler of fp16 MPT (a step skipped on an overflow is skipped for the group)."""
         m = self.cfg.method
         iters = m.stage_iterations
         lr = cosine_schedule(m.lr, 0.0, len(self.sizes) * iters)  # one schedule over all stages, no warm-up
-        y = self.labels[self.batch_index(b)].to(self.device)
+        y = torch.cat([self.labels[self.batch_index(b)] for b in group]).to(self.device)
         patches = patches.to(self.device)
         patches_norm = (patches - self.mean) / self.std
         if self.inner is not None:  # resumed mid-batch
             stage0, it0 = self.inner["stage"], self.inner["iteration"]
             x = self.inner["x"].to(self.device)
             done_losses = self.inner["losses"]
+            for g, state in zip(generators, self.inner["generators"]):
+                g.set_state(state)
         else:
             stage0, it0 = 0, 0
             x = F.interpolate(patches_norm, size=self.sizes[0], mode="bilinear", align_corners=False)
-            done_losses = torch.empty(0)
+            done_losses = torch.empty(0, len(group))
         every = self.cfg.checkpoint_every
-        # a GradScaler per batch (fp16 MPT): its scale, like the batch's seed, depends on the batch alone
+        # a GradScaler per group (fp16 MPT): its scale, like the batch's seed, depends on the group alone
         precision = Precision(self.mpt, self.device)
         if self.inner is not None:
             precision.load_state_dict(self.inner.get("scaler"))
-        losses = []  # kept on the device; read once per batch (and at a mid-batch checkpoint)
+        losses = []  # (G,) per iteration, kept on the device; read once per group (and at a mid-batch checkpoint)
         for s in range(stage0, len(self.sizes)):
             x = x.detach().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=m.lr, betas=tuple(m.betas))  # re-created at every stage (published)
@@ -455,20 +486,21 @@ class FADRMRecipe:
                 self.inner = None
             for it in range(it0 if s == stage0 else 0, iters):
                 step = s * iters + it
-                for group in opt.param_groups:
-                    group["lr"] = float(lr[step])
-                loss = self.recovery_loss(x, y, step, precision)
+                for param_group in opt.param_groups:
+                    param_group["lr"] = float(lr[step])
+                loss = self.recovery_loss(x, y, step, precision, generators)
                 opt.zero_grad(set_to_none=True)
-                precision.backward(loss)
+                precision.backward(loss.sum())  # the batches' losses: each image's gradient is its batch's
                 precision.step(opt)
                 losses.append(loss.detach())
                 with torch.no_grad():  # pixels stay in the valid range
                     x.data = torch.maximum(torch.minimum(x, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
-                bar.update(task, advance=1)
+                bar.update(task, advance=len(group))
                 if every and (step + 1) % every == 0 and it + 1 < iters:
-                    self.inner = {"batch": b, "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
+                    self.inner = {"batches": list(group), "stage": s, "iteration": it + 1, "x": x.detach().cpu(),
                                   "optimizer": opt.state_dict(), "scaler": precision.state_dict(),
-                                  "losses": torch.cat([done_losses, torch.stack(losses).cpu()])}
+                                  "losses": torch.cat([done_losses, torch.stack(losses).cpu()]),
+                                  "generators": [g.get_state() for g in generators]}
                     self.save_checkpoint()
                     self.inner = None
             if s == len(self.sizes) - 1:
@@ -482,10 +514,12 @@ class FADRMRecipe:
                     x = arc_update(x.contiguous(), p.contiguous(), m.residual_alpha, self.lo, self.hi,
                                    backend=self.cfg.kernels)
         if losses:
-            curve = torch.cat([done_losses, torch.stack(losses).cpu()])
-            k = max(1, min(5, len(curve) // 4))
-            self.history[b] = {"batch": b, "loss_first": curve[:k].mean().item(), "loss_last": curve[-k:].mean().item()}
-            self.log_curve(b, curve)
+            curves = torch.cat([done_losses, torch.stack(losses).cpu()])  # (iterations, G)
+            k = max(1, min(5, len(curves) // 4))
+            for b, curve in zip(group, curves.unbind(1)):
+                self.history[b] = {"batch": b, "loss_first": curve[:k].mean().item(),
+                                   "loss_last": curve[-k:].mean().item()}
+                self.log_curve(b, curve)
         with torch.no_grad():
             x = x.detach()
             if tuple(x.shape[-2:]) != tuple(self.image_size):
@@ -502,27 +536,35 @@ class FADRMRecipe:
                          resolution=self.sizes[min((start + len(window) - 1) // self.cfg.method.stage_iterations,
                                                    len(self.sizes) - 1)][0])
 
-    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int,
-                      precision: Precision | None = None) -> torch.Tensor:
-        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of the batch; the forward
-        under ``precision``'s autocast (MPT: fp16), the CE and the statistics in fp32."""
+    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int, precision: Precision | None = None,
+                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of each batch of the
+        group (one ``generators`` entry per batch, equal consecutive slices of ``x``; None: one batch on the global
+        stream), a (G,) tensor; the forward under ``precision``'s autocast (MPT: fp16), CE and statistics in fp32."""
         m = self.cfg.method
         k = step % len(self.teachers)
-        size = tuple(x.shape[-2:])
-        a = random_resized_crop(x, size, scale=tuple(m.crop_scale), per_sample=False)
-        if self.cfg.data.get("hflip", True) and torch.rand(()) < 0.5:
-            a = a.flip(-1)
-        if m.roll:
-            dx, dy = torch.randint(0, m.roll + 1, (2,)).tolist()
-            a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
-        pixels = a * self.std + self.mean
-        with (precision or Precision(self.mpt, self.device)).autocast(), self.taps[k].collect():
+        generators = generators or [None]
+        n, size = x.shape[0] // len(generators), tuple(x.shape[-2:])
+        # one crop window, flip and roll per batch, drawn in the published order from the batch's own stream
+        theta = torch.cat([crop_windows(1, size, tuple(m.crop_scale), generator=g).expand(n, 2, 3)
+                           for g in generators])
+        parts = apply_windows(x, theta, size).split(n)
+        augmented = []
+        for a, g in zip(parts, generators):
+            if self.cfg.data.get("hflip", True) and torch.rand((), generator=g) < 0.5:
+                a = a.flip(-1)
+            if m.roll:
+                dx, dy = torch.randint(0, m.roll + 1, (2,), generator=g).tolist()
+                a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
+            augmented.append(a)
+        pixels = torch.cat(augmented) * self.std + self.mean
+        with (precision or Precision(self.mpt, self.device)).autocast(), self.taps[k].collect(len(generators)):
             logits = self.teachers[k](pixels)
         bn = self.taps[k].loss()
-        loss = recovery_loss(logits, y, bn, m.r_bn)
-        if not torch.isfinite(loss):  # a sync, but recovery with a NaN is wasted work
-            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {(loss - m.r_bn * bn).item()}, "
-                                     f"bn {bn.item()}")
+        loss = recovery_loss(logits, y, bn, m.r_bn, groups=len(generators)).reshape(len(generators))
+        if not torch.isfinite(loss).all():  # a sync, but recovery with a NaN is wasted work
+            raise FloatingPointError(f"non-finite recovery loss at step {step}: ce {(loss - m.r_bn * bn).tolist()}, "
+                                     f"bn {bn.reshape(-1).tolist()}")
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -617,7 +659,8 @@ class FADRMRecipe:
         self.recover_before = max(state.get("recover_seconds", 0.0) for state in shards)  # the ranks ran side by side
         own = load_checkpoint(self.out.path, sharded=True)  # restores this rank's RNG
         inner = own["inner"] if own else None
-        if inner is not None and inner["batch"] in dist.shard(len(self.batches)) and inner["batch"] not in self.done:
+        mine = dist.shard(len(self.batches))
+        if inner is not None and all(b in mine and b not in self.done for b in inner["batches"]):
             self.inner = inner
 
     def save(self, students: dict) -> dict:

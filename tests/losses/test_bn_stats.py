@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastdistill.losses.bn_stats import arc_update, bn_stats_loss
+from fastdistill.losses.bn_stats import arc_update, bn_stats_loss, grouped_bn_stats_loss
 
 
 def _float64_loss(x, running_mean, running_var):
@@ -164,3 +164,37 @@ def recovery_loss_of(logits):
     from fastdistill.losses.bn_stats import recovery_loss
 
     return recovery_loss(logits, torch.tensor([0, 1, 2, 0]), torch.tensor(2.0), r_bn=0.5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_grouped_terms_are_each_slices_own_term_in_float64(layout):
+    # three batches side by side: each group's value and gradient are those of its slice alone
+    g = torch.Generator().manual_seed(3)
+    shape = (12, 5) if layout == "2d" else (12, 5, 4, 3)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    x.requires_grad_(True)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    grouped = grouped_bn_stats_loss(x, rm, rv, 3)
+    (grouped * weights).sum().backward()
+    for k, part in enumerate(x.detach().split(4)):
+        part = part.clone().requires_grad_(True)
+        alone = bn_stats_loss(part, rm, rv)
+        (alone * weights[k]).backward()
+        torch.testing.assert_close(grouped[k], alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad[4 * k:4 * k + 4], part.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="a batch of 12 does not split into 5 equal groups"):
+        grouped_bn_stats_loss(x, rm, rv, 5)
+
+
+def test_grouped_recovery_loss_is_each_batchs_own_objective():
+    from fastdistill.losses.bn_stats import recovery_loss
+
+    g = torch.Generator().manual_seed(4)
+    logits, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    bn = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    grouped = recovery_loss(logits, y, bn, r_bn=0.5, groups=2)
+    alone = [recovery_loss(logits[3 * k:3 * k + 3], y[3 * k:3 * k + 3], bn[k], r_bn=0.5) for k in range(2)]
+    torch.testing.assert_close(grouped, torch.stack(alone), rtol=1e-14, atol=1e-14)

@@ -112,7 +112,7 @@ def test_mpt_runs_the_forward_in_fp16_with_fp32_pixels_and_adam_state(tmp_path, 
     saved = recipe.save_checkpoint
     monkeypatch.setattr(recipe, "save_checkpoint", lambda: (inner.append(recipe.inner), saved())[1])
     patches = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    images = recipe.recover_batch(0, patches, _NoBar(), None)
+    images = recipe.recover_batches([0], patches, [torch.Generator().manual_seed(0)], _NoBar(), None)
     assert set(dtypes) == {torch.float16}, f"teacher logits under MPT: {set(dtypes)}"
     assert images.dtype == torch.float32
     state = inner[0]
