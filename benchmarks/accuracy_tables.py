@@ -52,7 +52,7 @@ COMMON = ["progress=false", "checkpoint_every=100", "compile=false", "kernels=to
 # kernels: the same maths as the Triton ones (tests/kernels), and the path every CPU run of these tables takes
 
 
-def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS) -> list[dict]:
+def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, parallel: int = 1) -> list[dict]:
     """Every run, the ones that train a cached teacher first (``warm``). A FADRM run trains both students on the set
     it recovers: the recovery, the dear part, runs once per cell."""
     out = []
@@ -60,6 +60,7 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS) -> li
     for ipc in ipcs:
         for variant in variants:
             args = ["+method=fadrm", *FADRM_PUBLISHED, *(FADRM_DRY if dry else []), f"ipc={ipc}",
+                    f"method.parallel_batches={parallel}",
                     f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
                     f"method.eval.real_random={str(variant == 'rded').lower()}"]
             out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args,
@@ -121,7 +122,7 @@ def resume(todo: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
 def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants))
+    todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants), args.parallel_batches)
     rows, launch_list = resume(todo, out)
     if any((out / "cache").glob("*")):  # teachers trained by an earlier call: no run needs to go first alone
         launch_list = [{**j, "warm": False} for j in launch_list]
@@ -217,6 +218,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="the FADRM columns to run (calls with different ones can share an --out-dir)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--parallel-batches", type=int, default=1, help="FADRM recovery batches side by side (a GPU: "
+                   "all of a run's; the same images to rounding, faster where one batch leaves the device idle)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budget", type=float, default=1e9, help="seconds; runs still going then are killed")
     p.add_argument("--dry", action="store_true", help="tiny sizes (smoke presets, a couple of iterations)")

@@ -70,6 +70,7 @@ PY
   BN="--resolutions 224 --batch 100"
   AKL="--heads 12 --tokens 197 577 1025 --head-dim 64 --batch 32"
   FADRM="--resolution 224 --classes 100 --iterations 10"
+  PARALLEL="--resolution 32 --classes 10 --groups 1 10 50 --iterations 5"   # CIFAR-10-sized recovery batches
   LGM="--backbones timm:vit_base_patch16_224 --classes 1000 --augs 10 --chunk-size 256 --image-size 224"
   TESTS="tests/kernels"
   SCALE=1
@@ -80,6 +81,7 @@ else
   BN="--resolutions 32 --batch 4"
   AKL="--heads 2 --tokens 33 --head-dim 16 --batch 2"
   FADRM="--arch test_resnet --resolution 32 --low 28 --classes 4 --iterations 1"
+  PARALLEL="--resolution 16 --classes 2 --groups 1 2 --iterations 1"
   LGM="--backbones timm:test_vit --classes 4 --augs 2 --chunk-size 4 --image-size 32"
   TESTS="tests/kernels/test_grad_cosine.py --collect-only"   # the plumbing: pytest, the gpu marker, the imports
   SCALE=0
@@ -103,7 +105,8 @@ step() {   # step CAP_SECONDS NAME command...: run under a cap, record rc, re-pa
 if [ "$MODE" = "--tables" ]; then   # the runs' folders (teachers, images) stay here: only the numbers come back
   TAB=$(mktemp -d)
   step $((${TABLES_BUDGET:-420} + 60)) accuracy_tables $PY benchmarks/accuracy_tables.py --out-dir "$TAB" \
-    --budget "${TABLES_BUDGET:-420}" --jobs "${TABLES_JOBS:-4}" ${TABLES_ARGS:-}   # e.g. TABLES_ARGS="--ipc 10"
+    --budget "${TABLES_BUDGET:-420}" --jobs "${TABLES_JOBS:-4}" --parallel-batches 50 ${TABLES_ARGS:-}   # e.g.
+    # TABLES_ARGS="--ipc 10"; all recovery batches of a run side by side: 10 digits of 28 px leave a GPU idle
   mkdir -p "$RES/tables" && cp "$TAB/accuracy_tables.json" "$TAB/runs.log" "$RES/tables/" 2>/dev/null
   (cd "$TAB" && find runs -name metrics.json | tar czf "$RES/tables/run_metrics.tgz" -T -)
   tar czf "$OUT/results.tgz" -C "$RES" .
@@ -124,6 +127,8 @@ done
 # 3. FADRM recovery at 224 px, batch 100: s/image and peak memory per provider (paper: 0.47 s, 2.9 GB, RTX 4090)
 step 100 fadrm $PY benchmarks/bench_fadrm.py --providers eager fast_bn mpt_mro $FADRM --repeats 1 --bn-resolutions \
   --out-dir "$RES/fadrm"
+# 3b. FADRM batches of a small-image set side by side (method.parallel_batches) against one at a time
+step 90 parallel_batches $PY benchmarks/bench_parallel_batches.py $PARALLEL --repeats 2 --out-dir "$RES/parallel"
 # 4. the ImageNet-1k-shaped two-pass LGM step: ViT-B/16, 1000 classes, 10 augs, bf16 (one-pass would need ~1 TB)
 step 80 lgm_in1k $PY benchmarks/bench_lgm.py --sweep-child $LGM --ipc 1 --precision bf16 --warmup 1 --repeats 2 \
   --out-dir "$RES/lgm"

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 STEPS = ["tests", *(f"{k}_{d}" for d in ("float32", "bfloat16") for k in ("grad_cosine", "bn_stats", "attention_kl")),
-         "fadrm", "lgm_in1k"]
+         "fadrm", "parallel_batches", "lgm_in1k"]
 
 
 def test_dry_run_writes_every_step_and_its_json(tmp_path):
@@ -23,7 +23,7 @@ def test_dry_run_writes_every_step_and_its_json(tmp_path):
     records = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
     names = sorted(r["benchmark"] for r in records)
     assert names == sorted(["attention_kl", "attention_kl", "bn_stats", "bn_stats", "fadrm", "grad_cosine",
-                            "grad_cosine", "lgm_step_single"]), f"results: {names}"
+                            "grad_cosine", "lgm_step_single", "parallel_batches"]), f"results: {names}"
     for r in records:
         assert r["device"] and r["git_sha"] and r["torch"] and r["rows"], f"{r['benchmark']}: incomplete record"
     with tarfile.open(tmp_path / "results.tgz") as archive:
