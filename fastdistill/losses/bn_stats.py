@@ -53,9 +53,14 @@ def bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torc
     _check_bn_input(x, running_mean, running_var)
     dims = [0] + list(range(2, x.dim()))
     x = _at_least_fp32(x)
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    return torch.linalg.vector_norm(var - running_var.to(x.dtype)) + \
-        torch.linalg.vector_norm(mean - running_mean.to(x.dtype))
+    return _distance(*torch.var_mean(x, dim=dims, correction=0), running_mean, running_var)
+
+
+def _distance(var: torch.Tensor, mean: torch.Tensor, running_mean: torch.Tensor,
+              running_var: torch.Tensor) -> torch.Tensor:
+    """The published ``||var - running_var||_2 + ||mean - running_mean||_2`` over the last (channel) dimension."""
+    return torch.linalg.vector_norm(var - running_var.to(var.dtype), dim=-1) + \
+        torch.linalg.vector_norm(mean - running_mean.to(mean.dtype), dim=-1)
 
 
 def grouped_bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -67,9 +72,7 @@ def grouped_bn_stats_loss(x: torch.Tensor, running_mean: torch.Tensor, running_v
         raise ValueError(f"bn_stats: a batch of {x.shape[0]} does not split into {groups} equal groups")
     x = _at_least_fp32(x)
     x = x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)  # (G, n, C, H*W)
-    var, mean = torch.var_mean(x, dim=(1, 3), correction=0)  # (G, C)
-    return torch.linalg.vector_norm(var - running_var.to(x.dtype), dim=1) + \
-        torch.linalg.vector_norm(mean - running_mean.to(x.dtype), dim=1)
+    return _distance(*torch.var_mean(x, dim=(1, 3), correction=0), running_mean, running_var)  # (G, C) -> (G,)
 
 
 def recovery_loss(logits: torch.Tensor, targets: torch.Tensor, bn_loss: torch.Tensor, r_bn: float,

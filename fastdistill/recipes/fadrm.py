@@ -24,8 +24,9 @@ through the data loader, with the teachers' soft labels, next to the same number
 
 Under torchrun the batches are divided among the ranks; every batch is seeded by its index alone, so K ranks
 recover the same set as one process. ``method.parallel_batches`` recovers that many batches side by side in one
-forward, each with its own statistics, CE and augmentation stream: the same set, a fuller GPU. Each rank writes and checkpoints its own batches; when all are done the
-students train as DDP replicas on the set read back from disk, and rank 0 writes the other artifacts.
+forward, each with its own statistics, CE and augmentation stream: the same set, a fuller GPU. Each rank writes and
+checkpoints its own batches; when all are done the students train as DDP replicas on the set read back from disk,
+and rank 0 writes the other artifacts.
 
 Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.variant``, ``method.stage_sizes``,
 ``method.stage_iterations``, ``method.residual_alpha``, ``method.lr``, ``method.r_bn``.
@@ -536,14 +537,13 @@ class FADRMRecipe:
                          resolution=self.sizes[min((start + len(window) - 1) // self.cfg.method.stage_iterations,
                                                    len(self.sizes) - 1)][0])
 
-    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int, precision: Precision | None = None,
-                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def recovery_loss(self, x: torch.Tensor, y: torch.Tensor, step: int, precision: Precision,
+                      generators: list[torch.Generator]) -> torch.Tensor:
         """CE + r_bn * BN-statistics loss of one teacher (round-robin) on one augmentation of each batch of the
-        group (one ``generators`` entry per batch, equal consecutive slices of ``x``; None: one batch on the global
-        stream), a (G,) tensor; the forward under ``precision``'s autocast (MPT: fp16), CE and statistics in fp32."""
+        group (one ``generators`` entry per batch, equal consecutive slices of ``x``), a (G,) tensor; the forward
+        under ``precision``'s autocast (MPT: fp16), CE and statistics in fp32."""
         m = self.cfg.method
         k = step % len(self.teachers)
-        generators = generators or [None]
         n, size = x.shape[0] // len(generators), tuple(x.shape[-2:])
         # one crop window, flip and roll per batch, drawn in the published order from the batch's own stream
         theta = torch.cat([crop_windows(1, size, tuple(m.crop_scale), generator=g).expand(n, 2, 3)
@@ -558,7 +558,7 @@ class FADRMRecipe:
                 a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
             augmented.append(a)
         pixels = torch.cat(augmented) * self.std + self.mean
-        with (precision or Precision(self.mpt, self.device)).autocast(), self.taps[k].collect(len(generators)):
+        with precision.autocast(), self.taps[k].collect(len(generators)):
             logits = self.teachers[k](pixels)
         bn = self.taps[k].loss()
         loss = recovery_loss(logits, y, bn, m.r_bn, groups=len(generators)).reshape(len(generators))
