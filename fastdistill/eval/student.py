@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +38,7 @@ from fastdistill.data.loaders import TorchLoader
 from fastdistill.data.soft_labels import SoftLabelShards, SoftLabelWriter
 from fastdistill.data.transforms import to_input, train_augment
 from fastdistill.engine import distributed as dist
+from fastdistill.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fastdistill.engine.optim import param_groups
 from fastdistill.engine.precision import Precision
 from fastdistill.engine.schedules import cosine_per_epoch, cosine_schedule
@@ -204,16 +205,16 @@ def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: lis
             "bytes_per_image": writer.payload_bytes / n, "file_bytes_per_image": files / n}
 
 
-def _stored_targets(folder: str | Path, sizes: list[int]):
+def _stored_targets(folder: str | Path, sizes: list[int], start: int = 0):
     """Stored probabilities batch by batch (``sizes``: the rows of every step), in the order
-    :func:`store_soft_labels` wrote them."""
+    :func:`store_soft_labels` wrote them, from step ``start`` (a resumed training)."""
     shards = SoftLabelShards(folder)
     if len(shards) != sum(sizes):
         raise ValueError(f"stored soft labels '{folder}' hold {len(shards)} rows, the training draws {sum(sizes)} "
                          "crops; relabel with the same epochs, batch size and seed")
     starts = [0, *accumulate(sizes)][:-1]
     # a stock DataLoader, sequential: row i is the i-th crop of the training stream
-    batches = [list(range(a, a + n)) for a, n in zip(starts, sizes)]
+    batches = [list(range(a, a + n)) for a, n in zip(starts, sizes)][start:]
     return iter(torch.utils.data.DataLoader(shards, batch_sampler=batches))
 
 
@@ -233,7 +234,8 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
                   seed: int, model_kwargs: dict | None = None, num_workers="auto", progress: bool = False,
                   description: str = "student", *, stored_labels: str | Path | None = None,
                   val_set: ImageDataset | None = None, check_every: int = 0, num_classes: int | None = None,
-                  log=None, phase: str = "student") -> dict:
+                  out=None, phase: str = "student", checkpoint: str | Path | None = None, checkpoint_every: int = 0,
+                  resume: bool = False) -> dict:
     """Train ``arch`` from scratch on ``train_set`` (a distilled set read from disk, or real images).
 
     Targets: ``cfg.targets == "soft"``: the teachers' soft labels, online, or read from ``stored_labels`` (a folder
@@ -242,8 +244,14 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     Model selection: with ``val_set`` the student is checked on it every ``check_every`` epochs and after the last;
     the best check's weights are kept (earliest on ties), and ``test_set=None`` leaves the test split untouched:
     the caller reads it once at the end with the returned ``model``. Without ``val_set`` the FINAL epoch is
-    reported, never the best over test evaluations. ``log``: the run's metric history (``RunDir.log``), which gets
-    each epoch's loss and learning rate, the validation checks and the test accuracy under ``phase``.
+    reported, never the best over test evaluations. ``out``: the run's folder (a ``RunDir``), whose metric history
+    gets each epoch's loss and learning rate, the validation checks and the test accuracy under ``phase``.
+
+    Checkpoints: with ``checkpoint`` (a folder of this training's own) and ``checkpoint_every`` > 0 the student,
+    optimiser, scaler, sampling generator, RNG states and checks are saved at the end of the first epoch after
+    every ``checkpoint_every`` steps (whole epochs, so a resume replays no batch), and removed when the training
+    ends. With ``resume`` a checkpoint there continues the training, which ends as an unbroken one does; one saved
+    by another student, seed, set size or config is refused.
     """
     check_student_config(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -265,11 +273,27 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     stored = None
     if stored_labels is not None:
         sizes = [min(cfg.batch_size, n - i) for i in range(0, n - world + 1, cfg.batch_size)] * cfg.epochs
-        stored = _stored_targets(stored_labels, sizes)
-    step, losses, checks, best = 0, [], [], None
+    step, losses, checks, best, first = 0, [], [], None, 0
+    identity = {"arch": arch, "seed": seed, "images": n, "config": asdict(cfg)}
+    folder = Path(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
+    if folder is not None and resume and (folder / CHECKPOINT).is_file():
+        state = load_checkpoint(folder)  # restores the RNG streams of the epoch boundary it was saved at
+        if state["identity"] != identity:
+            raise ValueError(f"the student checkpoint in '{folder}' was made by another training; remove it or "
+                             "train with the same student, seed, set and config")
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state["scaler"])
+        g.set_state(state["generator"])
+        first, step, losses, checks, best = (state[k] for k in ("epoch", "step", "losses", "checks", "best"))
+        if out is not None:
+            out.rewind(phase, first - 1)  # the epochs after the checkpoint are logged again
+    if stored_labels is not None:
+        stored = _stored_targets(stored_labels, sizes, start=step)
+    saved_at = step
     with console.progress(progress) as bar:
-        task = bar.add_task(description, total=cfg.epochs * per_epoch, info="")
-        for epoch in range(cfg.epochs):
+        task = bar.add_task(description, total=cfg.epochs * per_epoch, completed=step, info="")
+        for epoch in range(first, cfg.epochs):
             epoch_loss = torch.zeros((), device=device)
             for x, y in _batches(loader, image_size, cfg, g, device, epoch):
                 batch, part = len(x), dist.shard(len(x))
@@ -303,16 +327,23 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
             dist.all_reduce(epoch_loss, "mean")
             losses.append(epoch_loss.item() / per_epoch)  # one sync per epoch
             bar.update(task, info=f"loss {losses[-1]:.4f}")
-            if log:
-                log(phase, epoch, train_loss=losses[-1], lr=float(lr[step - 1]))
+            if out is not None:
+                out.log(phase, epoch, train_loss=losses[-1], lr=float(lr[step - 1]))
             if val_set is not None and ((check_every and (epoch + 1) % check_every == 0) or epoch + 1 == cfg.epochs):
                 acc = accuracy(student, val_set, device, image_size, precision, num_workers=num_workers)
                 checks.append({"epoch": epoch + 1, "val_acc": acc})
-                if log:
-                    log(phase, epoch, val_acc=acc)
+                if out is not None:
+                    out.log(phase, epoch, val_acc=acc)
                 if best is None or acc > best["val_acc"]:  # strict: the earliest of equal checks
                     best = {"epoch": epoch + 1, "val_acc": acc,
                             "state": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}}
+            if folder is not None and step - saved_at >= checkpoint_every and epoch + 1 < cfg.epochs:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(folder, {"identity": identity, "epoch": epoch + 1, "step": step, "losses": losses,
+                                         "checks": checks, "best": best, "student": student.state_dict(),
+                                         "optimizer": opt.state_dict(), "scaler": precision.state_dict(),
+                                         "generator": g.get_state()})
+                saved_at = step
     result = {"final_loss": losses[-1] if losses else float("nan"),
               "first_loss": losses[0] if losses else float("nan")}
     if best is not None:
@@ -321,7 +352,11 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     if test_set is not None:
         result["test_acc"] = accuracy(student, test_set, device, image_size, precision, num_workers=num_workers,
                                       progress=progress)
-        if log:
-            log(phase, cfg.epochs, test_acc=result["test_acc"])
+        if out is not None:
+            out.log(phase, cfg.epochs, test_acc=result["test_acc"])
+    if folder is not None and dist.is_main():
+        (folder / CHECKPOINT).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept when something else is in it
+            folder.rmdir()
     result["model"] = student
     return result

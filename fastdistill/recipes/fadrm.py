@@ -89,6 +89,11 @@ def rank_candidates(ce: torch.Tensor, need: int, difficulty: str) -> torch.Tenso
     return hardest_first[torch.tensor(picked, dtype=torch.long)]
 
 
+def folder_name(arch: str) -> str:
+    """A model key as one folder name (``timm:resnet18`` -> ``timm_resnet18``)."""
+    return arch.replace(":", "_").replace("/", "_")
+
+
 def patch_ranks(k: int, factor: int, ipc: int, stitching: str) -> list[int]:
     """The ranks of the ``factor x factor`` patches of a class's image ``k``, in row-major grid order: ``consecutive``
     ranks k f^2 .. k f^2 + f^2 - 1 (the best patches share the first image); ``strided`` rank r into image r mod ipc
@@ -606,7 +611,9 @@ class FADRMRecipe:
                                           model_kwargs=self.stem_kwargs(arch, self.image_size),
                                           num_workers=cfg.num_workers, progress=cfg.progress,
                                           description=f"student {arch} on {name}", stored_labels=stored,
-                                          log=self.out.log, phase=f"student/{arch}/{name}")
+                                          out=self.out, phase=f"student/{arch}/{name}",
+                                          checkpoint=self.out.path / "students" / f"{folder_name(arch)}_{name}_{seed}",
+                                          checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
                         runs.setdefault(name, []).append(r["test_acc"])
                         finished[key] = r["test_acc"]
                         if dist.is_main():
@@ -624,7 +631,7 @@ class FADRMRecipe:
         """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,
         under ``soft_labels/<student>/<set>/`` (written by rank 0); returns the folder."""
         fmt = self.cfg.method.get("label_format", "fp16")
-        folder = self.out / "soft_labels" / arch.replace(":", "_").replace("/", "_") / name
+        folder = self.out / "soft_labels" / folder_name(arch) / name
         if dist.is_main():
             with self.profiler.phase("relabel"):
                 stats = store_soft_labels(folder, images, self.teachers, self.image_size, scfg, self.device,

@@ -156,3 +156,64 @@ def test_stored_labels_are_the_half_batch_labels_of_the_mixed_crops(tmp_path):
                       for epoch in range(2) for x, _ in st._batches(loader, (16, 16), cfg, g, CPU, epoch)])
     got = torch.stack([SoftLabelShards(tmp_path / "s")[i] for i in range(len(want))])
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0, msg=lambda m: f"stored rows: {m}")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _Out:
+    """A run folder's metric history (``RunDir.log``/``rewind``) that can kill the training at an epoch's log."""
+
+    def __init__(self, kill_at: int | None = None):
+        self.records, self.kill_at = [], kill_at
+
+    def log(self, phase, step, **values):
+        if step == self.kill_at and "train_loss" in values:
+            raise _Killed
+        self.records.append((phase, step, values))
+
+    def rewind(self, phase, step):
+        self.records = [r for r in self.records if r[0] != phase or r[1] <= step]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_killed_student_resumes_and_ends_as_an_unbroken_one(stored, tmp_path):
+    # the published switches with every random draw they make (crops, CutMix, order); killed after epoch 3's
+    # checkpoint (saved at 3 * 3 steps >= 8), resumed from it: the same weights, losses and history
+    teacher = create_backbone("timm:test_resnet", num_classes=4).freeze()
+    cfg = st.StudentConfig(epochs=6, batch_size=4, lr=1e-2, accumulation_steps=2, cutmix=1.0, teacher_bn="half_batch",
+                           lr_schedule="epoch", crop_scale=(0.08, 1.0))
+    data = _data()
+    labels = None
+    if stored:
+        labels = tmp_path / "labels"
+        st.store_soft_labels(labels, data, [teacher], (16, 16), cfg, CPU, PREC, seed=5, fmt="fp16", num_workers=0)
+
+    def train(out, resume=False, checkpoint=tmp_path / "ckpt"):
+        return st.train_student("timm:test_resnet", data, [] if stored else [teacher], None, (16, 16), cfg, CPU,
+                                PREC, seed=5, num_workers=0, num_classes=4, stored_labels=labels, out=out,
+                                phase="s", checkpoint=checkpoint, checkpoint_every=8, resume=resume)
+
+    whole_out = _Out()
+    whole = train(whole_out, checkpoint=tmp_path / "other")
+    assert not (tmp_path / "other").exists(), "a finished training leaves no checkpoint"
+    cut = _Out(kill_at=4)
+    with pytest.raises(_Killed):
+        train(cut)
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (3, 9), "the first epoch end after 8 steps"
+    assert cut.records[-1][1] == 3, "epoch 3 was logged after the checkpoint: the resume logs it again"
+    cut.kill_at = None
+    torch.manual_seed(123)  # the resume restores the RNG streams, whatever ran before it
+    resumed = train(cut, resume=True)
+    for (k, a), b in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), f"{k} differs after the resume"
+    assert resumed["final_loss"] == whole["final_loss"] and resumed["first_loss"] == whole["first_loss"]
+    assert cut.records == whole_out.records, "the history reads as one unbroken run"
+    with pytest.raises(_Killed):
+        train(_Out(kill_at=4))
+    changed = st.StudentConfig(**{**cfg.__dict__, "lr": 2e-2})
+    with pytest.raises(ValueError, match="student checkpoint in .* was made by another training"):
+        st.train_student("timm:test_resnet", data, [teacher], None, (16, 16), changed, CPU, PREC, seed=5,
+                         num_workers=0, num_classes=4, checkpoint=tmp_path / "ckpt", checkpoint_every=8, resume=True)

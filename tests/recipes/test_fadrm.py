@@ -138,6 +138,7 @@ def test_resume_mid_batch_equals_unbroken_run(tmp_path, monkeypatch, parallel):
 
 def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch):
     full = run(_cfg(tmp_path, "s", "method.eval.seeds=2"))
+    assert not (tmp_path / "s" / "students").exists(), "finished students leave no checkpoint"
     done = json.loads((tmp_path / "s" / "students_done.json").read_text())
     assert sorted(done) == ["timm:resnet18/synthetic/0", "timm:resnet18/synthetic/1"]
     del done["timm:resnet18/synthetic/1"]  # as if killed while the second seed trained
@@ -149,6 +150,8 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch):
 
     def counted(*args, **kwargs):
         seeds.append(kwargs["seed"])
+        # a student cut off mid-training continues from its own checkpoint (tests/eval/test_student.py)
+        assert kwargs["checkpoint"] == tmp_path / "s" / "students" / "timm_resnet18_synthetic_1" and kwargs["resume"]
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(fadrm, "train_student", counted)
