@@ -270,9 +270,6 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     # micro-batches of the published gradient accumulation (a loader batch of 16 as 2 x 8): BN sees each on its own
     micro = max(1, cfg.batch_size // (cfg.accumulation_steps * world))
     t = cfg.temperature
-    stored = None
-    if stored_labels is not None:
-        sizes = [min(cfg.batch_size, n - i) for i in range(0, n - world + 1, cfg.batch_size)] * cfg.epochs
     step, losses, checks, best, first = 0, [], [], None, 0
     identity = {"arch": arch, "seed": seed, "images": n, "config": asdict(cfg)}
     folder = Path(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
@@ -288,7 +285,9 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
         first, step, losses, checks, best = (state[k] for k in ("epoch", "step", "losses", "checks", "best"))
         if out is not None:
             out.rewind(phase, first - 1)  # the epochs after the checkpoint are logged again
+    stored = None
     if stored_labels is not None:
+        sizes = [min(cfg.batch_size, n - i) for i in range(0, n - world + 1, cfg.batch_size)] * cfg.epochs
         stored = _stored_targets(stored_labels, sizes, start=step)
     saved_at = step
     with console.progress(progress) as bar:
