@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -235,7 +236,7 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
                   description: str = "student", *, stored_labels: str | Path | None = None,
                   val_set: ImageDataset | None = None, check_every: int = 0, num_classes: int | None = None,
                   out=None, phase: str = "student", checkpoint: str | Path | None = None, checkpoint_every: int = 0,
-                  resume: bool = False) -> dict:
+                  checkpoint_min_s: float = 60.0, resume: bool = False) -> dict:
     """Train ``arch`` from scratch on ``train_set`` (a distilled set read from disk, or real images).
 
     Targets: ``cfg.targets == "soft"``: the teachers' soft labels, online, or read from ``stored_labels`` (a folder
@@ -249,8 +250,9 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
 
     Checkpoints: with ``checkpoint`` (a folder of this training's own) and ``checkpoint_every`` > 0 the student,
     optimiser, scaler, sampling generator, RNG states and checks are saved at the end of the first epoch after
-    every ``checkpoint_every`` steps (whole epochs, so a resume replays no batch), and removed when the training
-    ends. With ``resume`` a checkpoint there continues the training, which ends as an unbroken one does; one saved
+    every ``checkpoint_every`` steps and ``checkpoint_min_s`` seconds (whole epochs, so a resume replays no batch;
+    the seconds because a student's state is tens of MB and fast epochs would write it every few seconds), and
+    removed when the training ends. With ``resume`` a checkpoint there continues the training, which ends as an unbroken one does; one saved
     by another student, seed, set size or config is refused.
     """
     check_student_config(cfg)
@@ -289,7 +291,7 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     if stored_labels is not None:
         sizes = [min(cfg.batch_size, n - i) for i in range(0, n - world + 1, cfg.batch_size)] * cfg.epochs
         stored = _stored_targets(stored_labels, sizes, start=step)
-    saved_at = step
+    saved_at, saved_time = step, time.monotonic()
     with console.progress(progress) as bar:
         task = bar.add_task(description, total=cfg.epochs * per_epoch, completed=step, info="")
         for epoch in range(first, cfg.epochs):
@@ -336,13 +338,16 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
                 if best is None or acc > best["val_acc"]:  # strict: the earliest of equal checks
                     best = {"epoch": epoch + 1, "val_acc": acc,
                             "state": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}}
-            if folder is not None and step - saved_at >= checkpoint_every and epoch + 1 < cfg.epochs:
+            due = folder is not None and step - saved_at >= checkpoint_every and epoch + 1 < cfg.epochs
+            # rank 0's clock decides: every rank takes part in the save
+            if due and dist.broadcast(torch.tensor(time.monotonic() - saved_time, device=device)).item() \
+                    >= checkpoint_min_s:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(folder, {"identity": identity, "epoch": epoch + 1, "step": step, "losses": losses,
                                          "checks": checks, "best": best, "student": student.state_dict(),
                                          "optimizer": opt.state_dict(), "scaler": precision.state_dict(),
                                          "generator": g.get_state()})
-                saved_at = step
+                saved_at, saved_time = step, time.monotonic()
     result = {"final_loss": losses[-1] if losses else float("nan"),
               "first_loss": losses[0] if losses else float("nan")}
     if best is not None:

@@ -193,7 +193,8 @@ def test_a_killed_student_resumes_and_ends_as_an_unbroken_one(stored, tmp_path):
     def train(out, resume=False, checkpoint=tmp_path / "ckpt"):
         return st.train_student("timm:test_resnet", data, [] if stored else [teacher], None, (16, 16), cfg, CPU,
                                 PREC, seed=5, num_workers=0, num_classes=4, stored_labels=labels, out=out,
-                                phase="s", checkpoint=checkpoint, checkpoint_every=8, resume=resume)
+                                phase="s", checkpoint=checkpoint, checkpoint_every=8, checkpoint_min_s=0,
+                                resume=resume)
 
     whole_out = _Out()
     whole = train(whole_out, checkpoint=tmp_path / "other")
@@ -213,7 +214,12 @@ def test_a_killed_student_resumes_and_ends_as_an_unbroken_one(stored, tmp_path):
     assert cut.records == whole_out.records, "the history reads as one unbroken run"
     with pytest.raises(_Killed):
         train(_Out(kill_at=4))
+    with pytest.raises(_Killed):  # steps due, seconds not: no checkpoint
+        st.train_student("timm:test_resnet", data, [teacher], None, (16, 16), cfg, CPU, PREC, seed=5, num_workers=0,
+                         num_classes=4, out=_Out(kill_at=4), checkpoint=tmp_path / "slow", checkpoint_every=8)
+    assert not (tmp_path / "slow").exists(), "at most one student checkpoint per checkpoint_min_s"
     changed = st.StudentConfig(**{**cfg.__dict__, "lr": 2e-2})
     with pytest.raises(ValueError, match="student checkpoint in .* was made by another training"):
         st.train_student("timm:test_resnet", data, [teacher], None, (16, 16), changed, CPU, PREC, seed=5,
-                         num_workers=0, num_classes=4, checkpoint=tmp_path / "ckpt", checkpoint_every=8, resume=True)
+                         num_workers=0, num_classes=4, checkpoint=tmp_path / "ckpt", checkpoint_every=8,
+                         checkpoint_min_s=0, resume=True)
