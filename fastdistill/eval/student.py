@@ -252,8 +252,8 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     optimiser, scaler, sampling generator, RNG states and checks are saved at the end of the first epoch after
     every ``checkpoint_every`` steps and ``checkpoint_min_s`` seconds (whole epochs, so a resume replays no batch;
     the seconds because a student's state is tens of MB and fast epochs would write it every few seconds), and
-    removed when the training ends. With ``resume`` a checkpoint there continues the training, which ends as an unbroken one does; one saved
-    by another student, seed, set size or config is refused.
+    removed when the training ends. With ``resume`` a checkpoint there continues the training, which ends as an
+    unbroken one does; one saved by another student, seed, set size or config is refused.
     """
     check_student_config(cfg)
     g = torch.Generator().manual_seed(seed)
