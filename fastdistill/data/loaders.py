@@ -150,7 +150,8 @@ class TorchLoader:
             self._sampler = _EpochBatches()
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, persistent_workers=workers > 0,
-                pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+                pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                generator=torch.Generator())  # iterating draws a worker seed: not from the stream a resume restores
         if self.dataset.train_crop is not None:  # one crop seed per (seed, epoch, sample)
             self._sampler.batches = [list(zip(b.tolist(), crop_seeds(self.seed, epoch, k).tolist()))
                                      for b, k in zip(batches, batches if keys is None else keys)]

@@ -216,7 +216,8 @@ def _stored_targets(folder: str | Path, sizes: list[int], start: int = 0):
     starts = [0, *accumulate(sizes)][:-1]
     # a stock DataLoader, sequential: row i is the i-th crop of the training stream
     batches = [list(range(a, a + n)) for a, n in zip(starts, sizes)][start:]
-    return iter(torch.utils.data.DataLoader(shards, batch_sampler=batches))
+    # its own generator: iterating draws a seed, which must not move the global stream a resume restores
+    return iter(torch.utils.data.DataLoader(shards, batch_sampler=batches, generator=torch.Generator()))
 
 
 def _student_loss(logits: torch.Tensor, target: torch.Tensor, cfg: StudentConfig, stored: bool) -> torch.Tensor:
@@ -256,6 +257,7 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     unbroken one does; one saved by another student, seed, set size or config is refused.
     """
     check_student_config(cfg)
+    precision = Precision(precision.name, precision.device)  # its own loss scale: no student inherits another's
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     classes = num_classes or (test_set.num_classes if test_set is not None else len(train_set.classes))
@@ -273,20 +275,20 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     micro = max(1, cfg.batch_size // (cfg.accumulation_steps * world))
     t = cfg.temperature
     step, losses, checks, best, first = 0, [], [], None, 0
-    identity = {"arch": arch, "seed": seed, "images": n, "config": asdict(cfg)}
+    identity = {"arch": arch, "seed": seed, "images": n, "processes": world, "config": asdict(cfg)}
     folder = Path(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
     if folder is not None and resume and (folder / CHECKPOINT).is_file():
         state = load_checkpoint(folder)  # restores the RNG streams of the epoch boundary it was saved at
         if state["identity"] != identity:
             raise ValueError(f"the student checkpoint in '{folder}' was made by another training; remove it or "
-                             "train with the same student, seed, set and config")
+                             "train with the same student, seed, set, config and number of processes")
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         precision.load_state_dict(state["scaler"])
         g.set_state(state["generator"])
         first, step, losses, checks, best = (state[k] for k in ("epoch", "step", "losses", "checks", "best"))
-        if out is not None:
-            out.rewind(phase, first - 1)  # the epochs after the checkpoint are logged again
+    if resume and out is not None:  # what a killed attempt logged after the checkpoint (or at all) is logged again
+        out.rewind(phase, first - 1)
     stored = None
     if stored_labels is not None:
         sizes = [min(cfg.batch_size, n - i) for i in range(0, n - world + 1, cfg.batch_size)] * cfg.epochs
@@ -359,7 +361,8 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
         if out is not None:
             out.log(phase, cfg.epochs, test_acc=result["test_acc"])
     if folder is not None and dist.is_main():
-        (folder / CHECKPOINT).unlink(missing_ok=True)
+        for name in (CHECKPOINT, CHECKPOINT + ".tmp"):  # the temp file of a save a kill interrupted
+            (folder / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept when something else is in it
             folder.rmdir()
     result["model"] = student

@@ -33,6 +33,7 @@ Keys that matter: ``ipc``, ``method.batch_size``, ``method.teachers``, ``method.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -389,7 +390,9 @@ class FADRMRecipe:
         mine = list(dist.shard(len(self.batches)))
         per_batch = len(self.sizes) * m.stage_iterations if self.optimize else 1
         phase = "recover" if self.optimize else "write"
-        if self.optimize and self.cfg.resume:  # batches recovered before the kill stay logged; the rest is redone
+        # batches recovered before the kill stay logged, the rest is redone; with all done, the students' records
+        # after them stay too
+        if self.optimize and self.cfg.resume and set(mine) - self.done:
             finished = [b for b in mine if b in self.done]
             self.out.rewind("recover", (max(finished) + 1) * per_batch if finished else 0)
         self.recover_start = time.perf_counter()
@@ -611,7 +614,7 @@ class FADRMRecipe:
                                           model_kwargs=self.stem_kwargs(arch, self.image_size),
                                           num_workers=cfg.num_workers, progress=cfg.progress,
                                           description=f"student {arch} on {name}", stored_labels=stored,
-                                          out=self.out, phase=f"student/{arch}/{name}",
+                                          out=self.out, phase=f"student/{arch}/{name}/{seed}",
                                           checkpoint=self.out.path / "students" / f"{folder_name(arch)}_{name}_{seed}",
                                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
                         runs.setdefault(name, []).append(r["test_acc"])
@@ -621,6 +624,8 @@ class FADRMRecipe:
                 students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
                 self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
                                             for name, accs in runs.items()}
+        with contextlib.suppress(OSError):  # the students' checkpoint folders, each removed as its student ended
+            (self.out.path / "students").rmdir()
         return students
 
     def student_config(self) -> StudentConfig:

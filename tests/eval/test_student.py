@@ -9,6 +9,7 @@ import torch
 
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.engine import Precision
+from fastdistill.engine.metric_log import MetricLog, read_history
 from fastdistill.eval import student as st
 from fastdistill.models import create_backbone
 
@@ -163,18 +164,23 @@ class _Killed(Exception):
 
 
 class _Out:
-    """A run folder's metric history (``RunDir.log``/``rewind``) that can kill the training at an epoch's log."""
+    """A run folder's metric history (``RunDir.log``/``rewind`` on a real MetricLog) that can kill the training when
+    an epoch is logged; it starts with a record of an earlier phase, as a FADRM run's recovery."""
 
-    def __init__(self, kill_at: int | None = None):
-        self.records, self.kill_at = [], kill_at
+    def __init__(self, folder, kill_at: int | None = None):
+        self.history, self.kill_at = MetricLog(folder), kill_at
+        self.history.log("recover", 0, loss=1.0)
 
     def log(self, phase, step, **values):
         if step == self.kill_at and "train_loss" in values:
             raise _Killed
-        self.records.append((phase, step, values))
+        self.history.log(phase, step, **values)
 
     def rewind(self, phase, step):
-        self.records = [r for r in self.records if r[0] != phase or r[1] <= step]
+        self.history.rewind(phase, step)
+
+    def records(self):
+        return [{k: v for k, v in r.items() if k != "time"} for r in read_history(self.history.path)]
 
 
 @pytest.mark.parametrize("stored", [False, True])
@@ -190,36 +196,40 @@ def test_a_killed_student_resumes_and_ends_as_an_unbroken_one(stored, tmp_path):
         labels = tmp_path / "labels"
         st.store_soft_labels(labels, data, [teacher], (16, 16), cfg, CPU, PREC, seed=5, fmt="fp16", num_workers=0)
 
-    def train(out, resume=False, checkpoint=tmp_path / "ckpt"):
-        return st.train_student("timm:test_resnet", data, [] if stored else [teacher], None, (16, 16), cfg, CPU,
+    def train(out, checkpoint, resume=False, min_s=0, config=cfg):
+        return st.train_student("timm:test_resnet", data, [] if stored else [teacher], None, (16, 16), config, CPU,
                                 PREC, seed=5, num_workers=0, num_classes=4, stored_labels=labels, out=out,
-                                phase="s", checkpoint=checkpoint, checkpoint_every=8, checkpoint_min_s=0,
+                                phase="s", checkpoint=checkpoint, checkpoint_every=8, checkpoint_min_s=min_s,
                                 resume=resume)
 
-    whole_out = _Out()
-    whole = train(whole_out, checkpoint=tmp_path / "other")
+    whole_out = _Out(tmp_path / "whole")
+    whole = train(whole_out, tmp_path / "other")
+    whole_rng = torch.get_rng_state()
     assert not (tmp_path / "other").exists(), "a finished training leaves no checkpoint"
-    cut = _Out(kill_at=4)
+    cut = _Out(tmp_path / "cut", kill_at=4)
     with pytest.raises(_Killed):
-        train(cut)
+        train(cut, tmp_path / "ckpt")
     saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
     assert (saved["epoch"], saved["step"]) == (3, 9), "the first epoch end after 8 steps"
-    assert cut.records[-1][1] == 3, "epoch 3 was logged after the checkpoint: the resume logs it again"
+    assert cut.records()[-1]["step"] == 3, "epoch 3 was logged after the checkpoint: the resume logs it again"
     cut.kill_at = None
     torch.manual_seed(123)  # the resume restores the RNG streams, whatever ran before it
-    resumed = train(cut, resume=True)
+    resumed = train(cut, tmp_path / "ckpt", resume=True)
     for (k, a), b in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b), f"{k} differs after the resume"
     assert resumed["final_loss"] == whole["final_loss"] and resumed["first_loss"] == whole["first_loss"]
-    assert cut.records == whole_out.records, "the history reads as one unbroken run"
+    assert torch.equal(torch.get_rng_state(), whole_rng), "the global RNG stream is where the unbroken run left it"
+    assert cut.records() == whole_out.records(), "the history reads as one unbroken run"
+    # steps due but not the seconds: no checkpoint; the resume starts over and drops what the killed attempt logged
+    slow = _Out(tmp_path / "slow_log", kill_at=4)
     with pytest.raises(_Killed):
-        train(_Out(kill_at=4))
-    with pytest.raises(_Killed):  # steps due, seconds not: no checkpoint
-        st.train_student("timm:test_resnet", data, [teacher], None, (16, 16), cfg, CPU, PREC, seed=5, num_workers=0,
-                         num_classes=4, out=_Out(kill_at=4), checkpoint=tmp_path / "slow", checkpoint_every=8)
+        train(slow, tmp_path / "slow", min_s=1e9)
     assert not (tmp_path / "slow").exists(), "at most one student checkpoint per checkpoint_min_s"
+    slow.kill_at = None
+    train(slow, tmp_path / "slow", resume=True, min_s=1e9)
+    assert slow.records() == whole_out.records()
+    with pytest.raises(_Killed):
+        train(_Out(tmp_path / "cut2", kill_at=4), tmp_path / "ckpt")
     changed = st.StudentConfig(**{**cfg.__dict__, "lr": 2e-2})
     with pytest.raises(ValueError, match="student checkpoint in .* was made by another training"):
-        st.train_student("timm:test_resnet", data, [teacher], None, (16, 16), changed, CPU, PREC, seed=5,
-                         num_workers=0, num_classes=4, checkpoint=tmp_path / "ckpt", checkpoint_every=8,
-                         checkpoint_min_s=0, resume=True)
+        train(None, tmp_path / "ckpt", resume=True, config=changed)

@@ -49,7 +49,7 @@ def test_fadrm_end_to_end_artifacts(tmp_path):
     recover = [(r["step"], r["batch"]) for r in history if r["phase"] == "recover"]
     assert recover == [(3, 0), (6, 0), (8, 0), (11, 1), (14, 1), (16, 1)], recover
     for name in ("synthetic", "real_random"):
-        student = [r for r in history if r["phase"] == f"student/timm:resnet18/{name}"]
+        student = [r for r in history if r["phase"] == f"student/timm:resnet18/{name}/0"]
         assert [r["step"] for r in student] == [0, 1, 2] and "train_loss" in student[0]
         assert student[-1]["test_acc"] == metrics["students"]["timm:resnet18"][name]
     assert history[-1]["phase"] == "final" and history[-1]["metrics"]["students"] == metrics["students"]
@@ -155,9 +155,15 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch):
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(fadrm, "train_student", counted)
+    history = read_history(tmp_path / "s" / "metrics.jsonl")
     resumed = run(_cfg(tmp_path, "s", "method.eval.seeds=2", "resume=true"))
     assert seeds == [1], "only the student that had not finished is trained again"
     assert resumed["student_seeds"] == full["student_seeds"], "the same seeds give the same accuracies"
+    # the recovery's and the first student's records stay, the second's are logged once more: one unbroken history
+    again = read_history(tmp_path / "s" / "metrics.jsonl")
+    drop = ("time", "metrics")  # the final record's metrics hold the run's wall times
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in history]
 
 
 @pytest.mark.parametrize("variant", ["fadrm", "sre2l"])
