@@ -1,0 +1,68 @@
+"""A student trained as 2 gloo DDP replicas under torchrun, killed after a checkpoint and resumed: the same weights
+as the unbroken 2-rank run (every rank takes part in each save, so a save that one rank skipped would hang)."""
+import os
+import subprocess
+import sys
+
+import torch
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+SCRIPT = """
+import sys
+import torch
+from fastdistill.data.dataset import ImageDataset
+from fastdistill.engine import Precision
+from fastdistill.engine import distributed as dist
+from fastdistill.eval import student as st
+
+mode, folder = sys.argv[1], sys.argv[2]
+cpu = dist.init(torch.device("cpu"))
+
+
+class Killed(Exception):
+    pass
+
+
+class Out:  # kills every rank when epoch 3 is logged: after the checkpoint that epoch 2 ended with
+    def log(self, phase, step, **values):
+        if mode == "kill" and step == 3:
+            raise Killed
+
+    def rewind(self, phase, step):
+        pass
+
+
+images = torch.randint(0, 255, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+data = ImageDataset(labels=torch.arange(4).repeat_interleave(4), classes=list("abcd"), images=images)
+cfg = st.StudentConfig(epochs=5, batch_size=4, lr=1e-2, targets="hard", hflip=False)
+try:
+    r = st.train_student("timm:test_resnet", data, [], None, (16, 16), cfg, cpu, Precision("fp32", cpu), seed=0,
+                         num_workers=0, num_classes=4, out=Out(), checkpoint=folder + "/ckpt", checkpoint_every=4,
+                         checkpoint_min_s=0, resume=mode == "resume")
+except Killed:
+    sys.exit(0)
+if dist.is_main():
+    torch.save(r["model"].state_dict(), folder + "/weights.pt")
+"""
+
+
+def _torchrun(tmp_path, mode, folder):
+    folder.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*TORCHRUN, str(tmp_path / "train.py"), mode, str(folder)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_ddp_student_resumes_to_the_unbroken_weights(tmp_path):
+    (tmp_path / "train.py").write_text(SCRIPT)
+    _torchrun(tmp_path, "whole", tmp_path / "whole")
+    _torchrun(tmp_path, "kill", tmp_path / "cut")
+    saved = torch.load(tmp_path / "cut" / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 3 and len(saved["rng_ranks"]) == 2, "epochs 0-2 saved, with both ranks' RNG states"
+    _torchrun(tmp_path, "resume", tmp_path / "cut")
+    whole = torch.load(tmp_path / "whole" / "weights.pt")
+    resumed = torch.load(tmp_path / "cut" / "weights.pt")
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), f"{k} differs after the resume"
