@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from fastdistill import console
-from fastdistill.artifacts import RunDir, read_distilled, to_uint8
+from fastdistill.artifacts import RunDir, _safe, read_distilled, to_uint8
 from fastdistill.data import build_dataset
 from fastdistill.data.transforms import apply_windows, crop_windows, to_input
 from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_everything
@@ -88,11 +88,6 @@ def rank_candidates(ce: torch.Tensor, need: int, difficulty: str) -> torch.Tenso
             picked.append(mid + offset)
         step += 1
     return hardest_first[torch.tensor(picked, dtype=torch.long)]
-
-
-def folder_name(arch: str) -> str:
-    """A model key as one folder name (``timm:resnet18`` -> ``timm_resnet18``)."""
-    return arch.replace(":", "_").replace("/", "_")
 
 
 def patch_ranks(k: int, factor: int, ipc: int, stitching: str) -> list[int]:
@@ -615,7 +610,7 @@ class FADRMRecipe:
                                           num_workers=cfg.num_workers, progress=cfg.progress,
                                           description=f"student {arch} on {name}", stored_labels=stored,
                                           out=self.out, phase=f"student/{arch}/{name}/{seed}",
-                                          checkpoint=self.out.path / "students" / f"{folder_name(arch)}_{name}_{seed}",
+                                          checkpoint=self.out.path / "students" / f"{_safe(arch)}_{name}_{seed}",
                                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
                         runs.setdefault(name, []).append(r["test_acc"])
                         finished[key] = r["test_acc"]
@@ -636,7 +631,7 @@ class FADRMRecipe:
         """relabel=store: the teachers' labels of every crop the student will see, in ``method.label_format``,
         under ``soft_labels/<student>/<set>/`` (written by rank 0); returns the folder."""
         fmt = self.cfg.method.get("label_format", "fp16")
-        folder = self.out / "soft_labels" / folder_name(arch) / name
+        folder = self.out / "soft_labels" / _safe(arch) / name
         if dist.is_main():
             with self.profiler.phase("relabel"):
                 stats = store_soft_labels(folder, images, self.teachers, self.image_size, scfg, self.device,
