@@ -1,8 +1,5 @@
 """The distributed module: sharding arithmetic, loader slices, and collectives in 2 spawned gloo processes."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -77,13 +74,10 @@ open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(out))
 """
 
 
-def test_collectives_in_two_gloo_processes(tmp_path):
+def test_collectives_in_two_gloo_processes(tmp_path, run_python):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_python(script, tmp_path, ranks=2, timeout=300)
     for rank in range(2):
         o = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert o["rank"] == rank and o["world"] == 2

@@ -1,12 +1,6 @@
 """A student trained as 2 gloo DDP replicas under torchrun, killed after a checkpoint and resumed: the same weights
 as the unbroken 2-rank run (every rank takes part in each save, so a save that one rank skipped would hang)."""
-import os
-import subprocess
-import sys
-
 import torch
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 SCRIPT = """
 import sys
@@ -47,21 +41,14 @@ if dist.is_main():
 """
 
 
-def _torchrun(tmp_path, mode, folder):
-    folder.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*TORCHRUN, str(tmp_path / "train.py"), mode, str(folder)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-
-
-def test_ddp_student_resumes_to_the_unbroken_weights(tmp_path):
+def test_ddp_student_resumes_to_the_unbroken_weights(tmp_path, run_python):
     (tmp_path / "train.py").write_text(SCRIPT)
-    _torchrun(tmp_path, "whole", tmp_path / "whole")
-    _torchrun(tmp_path, "kill", tmp_path / "cut")
+    for mode, folder in (("whole", "whole"), ("kill", "cut")):
+        (tmp_path / folder).mkdir()
+        run_python(tmp_path / "train.py", mode, tmp_path / folder, ranks=2)
     saved = torch.load(tmp_path / "cut" / "ckpt" / "checkpoint.pt", weights_only=False)
     assert saved["epoch"] == 3 and len(saved["rng_ranks"]) == 2, "epochs 0-2 saved, with both ranks' RNG states"
-    _torchrun(tmp_path, "resume", tmp_path / "cut")
+    run_python(tmp_path / "train.py", "resume", tmp_path / "cut", ranks=2)
     whole = torch.load(tmp_path / "whole" / "weights.pt")
     resumed = torch.load(tmp_path / "cut" / "weights.pt")
     for k, v in whole.items():

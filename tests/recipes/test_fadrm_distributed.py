@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +11,6 @@ from PIL import Image
 ARGS = ["+method=fadrm", "preset=smoke", "ipc=4", "method.stage_sizes=[24,28]",
         "method.stage_iterations=6", "method.candidates_per_class=6", "method.eval.epochs=1",
         "method.eval.real_random=false", "progress=false", "device=cpu"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +21,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("teacher-cache")
 
 
-def _env(cache):
-    # torchrun gives each rank one thread; the one-process reference must compute with the same reduction order
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FASTDISTILL_CACHE": str(cache)}
-
-
-def _run(cmd, cache, out, *extra, timeout=600):
-    r = subprocess.run([*cmd, "-m", "fastdistill.run", *ARGS, f"out={out}", *extra], env=_env(cache),
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
+def _run(run_python, cache, out, *extra, ranks=1):
+    run_python("-m", "fastdistill.run", *ARGS, f"out={out}", *extra, ranks=ranks, env={"FASTDISTILL_CACHE": str(cache)})
 
 
 def _images(out):
@@ -42,22 +32,23 @@ def _images(out):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, cache):
+def one_process(tmp_path_factory, cache, run_python):
     out = tmp_path_factory.mktemp("fadrm") / "one"
-    _run([sys.executable], cache, out)  # also trains and caches the smoke teacher the ranks then share
+    _run(run_python, cache, out)  # also trains and caches the smoke teacher the ranks then share
     return _images(out)
 
 
-def test_two_ranks_recover_the_one_process_set(tmp_path, cache, one_process):
-    _run(TORCHRUN, cache, tmp_path / "two", "checkpoint_every=0")
+def test_two_ranks_recover_the_one_process_set(tmp_path, cache, one_process, run_python):
+    _run(run_python, cache, tmp_path / "two", "checkpoint_every=0", ranks=2)
     assert (tmp_path / "two" / "checkpoint.rank1.pt").is_file(), "each rank checkpoints its own batches"
     np.testing.assert_array_equal(_images(tmp_path / "two"), one_process)
 
 
-def test_killed_ranks_resume_to_the_same_set(tmp_path, cache, one_process):
+def test_killed_ranks_resume_to_the_same_set(tmp_path, cache, one_process, run_python):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*TORCHRUN, "-m", "fastdistill.run", *ARGS, f"out={out}", "checkpoint_every=3"],
-                            env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [*run_python.command(2), "-m", "fastdistill.run", *ARGS, f"out={out}", "checkpoint_every=3"]
+    proc = subprocess.Popen(cmd, env=run_python.env(FASTDISTILL_CACHE=str(cache)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not (out / "checkpoint.rank1.pt").is_file() and proc.poll() is None and time.time() < deadline:
@@ -66,5 +57,5 @@ def test_killed_ranks_resume_to_the_same_set(tmp_path, cache, one_process):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "distilled").exists(), "killed before the end"
-    _run(TORCHRUN, cache, out, "resume=true", "checkpoint_every=3")
+    _run(run_python, cache, out, "resume=true", "checkpoint_every=3", ranks=2)
     np.testing.assert_array_equal(_images(out), one_process)

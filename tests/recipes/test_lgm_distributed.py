@@ -2,9 +2,6 @@
 few steps with the same draws, also when the ranks were killed and resumed; ranks whose replicas diverge stop
 with a clear error (slow)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,15 +29,9 @@ def _base(out):
     return _state(out)["base"]
 
 
-def test_two_ranks_give_the_synthetic_set_of_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "fastdistill.run", *ARGS, f"out={tmp_path / 'one'}"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "fastdistill.run", *ARGS, f"out={tmp_path / 'two'}"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+def test_two_ranks_give_the_synthetic_set_of_one_process(tmp_path, run_python):
+    run_python("-m", "fastdistill.run", *ARGS, f"out={tmp_path / 'one'}", timeout=300)
+    run_python("-m", "fastdistill.run", *ARGS, f"out={tmp_path / 'two'}", ranks=2, timeout=300)
     single, double = _levels(tmp_path / "one"), _levels(tmp_path / "two")
     assert [tuple(lv.shape) for lv in double] == [(20, 1, 1, 1), (20, 1, 2, 2)], "a pyramid level at step 2"
     for k, (a, b) in enumerate(zip(double, single)):
@@ -82,22 +73,15 @@ finally:
 """
 
 
-def test_killed_ranks_resume_to_the_one_process_set(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_killed_ranks_resume_to_the_one_process_set(tmp_path, run_python):
     longer = [*ARGS, "method.iterations=5"]
-    one = subprocess.run([sys.executable, "-m", "fastdistill.run", *longer, f"out={tmp_path / 'one'}"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_python("-m", "fastdistill.run", *longer, f"out={tmp_path / 'one'}", timeout=300)
     script, out = tmp_path / "killed_rank.py", tmp_path / "killed"
     script.write_text(KILLED_RANK)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    killed = subprocess.run([*torchrun, str(script), json.dumps([*longer, "checkpoint_every=3"]), str(out)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert killed.returncode == 0, killed.stderr[-3000:]
+    run_python(script, json.dumps([*longer, "checkpoint_every=3"]), out, ranks=2, timeout=300)
     assert _state(out)["step"] == 3 and not (out / "metrics.json").exists(), "killed after step 3"
-    resumed = subprocess.run([*torchrun, "-m", "fastdistill.run", *longer, "checkpoint_every=3", "resume=true",
-                              f"out={out}"], capture_output=True, text=True, timeout=300, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_python("-m", "fastdistill.run", *longer, "checkpoint_every=3", "resume=true", f"out={out}", ranks=2,
+               timeout=300)
     assert _state(out)["step"] == 5 and len(_levels(out)) == len(_levels(tmp_path / "one")) == 3, \
         "resumed to the end, the pyramid grown at steps 2 and 4"
     for k, (a, b) in enumerate(zip(_levels(out), _levels(tmp_path / "one"))):
@@ -132,13 +116,10 @@ open(f"{out}/rank{rank}.json", "w").write(json.dumps(error))
 
 
 @pytest.mark.slow  # two more processes; check_replicas itself is in tests/engine/test_distributed.py
-def test_diverged_replicas_stop_with_a_clear_error(tmp_path):
+def test_diverged_replicas_stop_with_a_clear_error(tmp_path, run_python):
     script = tmp_path / "diverging_rank.py"
     script.write_text(DIVERGING_RANK)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), json.dumps(ARGS), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_python(script, json.dumps(ARGS), tmp_path, ranks=2)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got is not None and got.startswith(

@@ -1,24 +1,14 @@
 """+method=teacher as 2 DDP processes under torchrun (gloo): the loss curve of one process, one set of artifacts."""
 import json
-import os
-import subprocess
-import sys
 
 ARGS = ["-m", "fastdistill.run", "+method=teacher", "preset=smoke", "method.epochs=4", "method.batch_size=64",
         "data.train_per_class=40", "method.cache=false", "progress=false", "device=cpu", "checkpoint_every=0"]
 
 
-def _run(launcher, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launcher, *ARGS, f"out={out}"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads((out / "metrics.json").read_text()), r
-
-
-def test_ddp_teacher_follows_the_one_process_loss_curve(tmp_path):
-    one, _ = _run([sys.executable], tmp_path / "one")
-    two, r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                  tmp_path / "two")
+def test_ddp_teacher_follows_the_one_process_loss_curve(tmp_path, run_python):
+    run_python(*ARGS, f"out={tmp_path / 'one'}", timeout=900)
+    r = run_python(*ARGS, f"out={tmp_path / 'two'}", ranks=2, timeout=900)
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
     curve1 = [h["train_loss"] for h in one["history"]]
     curve2 = [h["train_loss"] for h in two["history"]]
     # the same global batches; BN statistics and the augmentation draws of rank 1 differ, so the curves agree as
