@@ -22,6 +22,7 @@ mean. The learning rate is defined for the global batch and never divided by the
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -186,14 +187,28 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return len(range(0, n - dist.world_size() + 1, batch_size))
 
 
+STORED = "stored.json"  # written last by store_soft_labels: what the folder's labels are of, and their sizes
+
+
 def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: list[Backbone],
                       image_size: tuple[int, int], cfg: StudentConfig, device: torch.device, precision: Precision,
-                      seed: int, fmt: str, num_workers="auto") -> dict:
+                      seed: int, fmt: str, num_workers="auto", reuse: bool = False) -> dict:
     """FKD-style relabelling ahead of training: the teachers' logits of every crop :func:`train_student` will draw
     with ``seed`` (one row per image per epoch, in step order) as compact shards (``data/soft_labels.py``).
-    Returns the folder's sizes; training reads it back through a stock ``DataLoader`` with no teacher in memory."""
-    g = torch.Generator().manual_seed(seed)
+    Returns the folder's sizes; training reads it back through a stock ``DataLoader`` with no teacher in memory.
+    ``reuse``: labels this folder already holds for the same seed, set size, format and training are kept, not
+    relabelled (a resumed student: at ImageNet scale the pass is hours); the teachers are the caller's to keep."""
     folder = Path(folder)
+    identity = {"seed": seed, "images": len(train_set), "classes": len(train_set.classes), "format": fmt,
+                "config": asdict(cfg)}
+    marker = folder / STORED
+    if reuse and marker.is_file():
+        with contextlib.suppress(ValueError, KeyError):
+            saved = json.loads(marker.read_text())
+            if saved["identity"] == json.loads(json.dumps(identity)):  # tuples read back as lists
+                return saved["stats"]
+    marker.unlink(missing_ok=True)  # a pass cut off leaves no marker: its partial shards are never reused
+    g = torch.Generator().manual_seed(seed)
     loader = TorchLoader(train_set, cfg.batch_size, shuffle=False, num_workers=num_workers)
     with SoftLabelWriter(folder, fmt, len(train_set.classes), cfg.temperature,
                          rows_per_shard=max(1, len(train_set))) as writer:  # one shard per epoch
@@ -202,8 +217,12 @@ def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: lis
                 writer.add(teacher_logits(teachers, x, precision, cfg.teacher_bn))
     files = sum(f.stat().st_size for f in folder.glob("shard_*.safetensors"))
     n = max(len(train_set), 1)
-    return {"format": fmt, "rows": writer.rows, "payload_bytes": writer.payload_bytes,
-            "bytes_per_image": writer.payload_bytes / n, "file_bytes_per_image": files / n}
+    stats = {"format": fmt, "rows": writer.rows, "payload_bytes": writer.payload_bytes,
+             "bytes_per_image": writer.payload_bytes / n, "file_bytes_per_image": files / n}
+    tmp = marker.with_name(f".{STORED}.tmp")
+    tmp.write_text(json.dumps({"identity": identity, "stats": stats}, indent=1))
+    tmp.replace(marker)
+    return stats
 
 
 def _stored_targets(folder: str | Path, sizes: list[int], start: int = 0):

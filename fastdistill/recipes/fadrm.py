@@ -635,7 +635,8 @@ class FADRMRecipe:
         if dist.is_main():
             with self.profiler.phase("relabel"):
                 stats = store_soft_labels(folder, images, self.teachers, self.image_size, scfg, self.device,
-                                          self.precision, seed, fmt, num_workers=self.cfg.num_workers)
+                                          self.precision, seed, fmt, num_workers=self.cfg.num_workers,
+                                          reuse=self.cfg.resume)
             self.label_stats.setdefault(arch, {})[name] = stats
         dist.barrier()
         return folder

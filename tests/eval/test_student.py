@@ -159,6 +159,44 @@ def test_stored_labels_are_the_half_batch_labels_of_the_mixed_crops(tmp_path):
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0, msg=lambda m: f"stored rows: {m}")
 
 
+def test_stored_labels_are_reused_only_for_the_same_training(tmp_path, monkeypatch):
+    # a resumed student keeps the labels its folder holds for its own seed and training; anything else relabels
+    from fastdistill.data.soft_labels import SoftLabelShards
+
+    teacher = create_backbone("timm:test_resnet", num_classes=4).freeze()
+    cfg, data, folder = st.StudentConfig(epochs=2, batch_size=6, cutmix=1.0), _data(), tmp_path / "s"
+
+    def store(seed, config=cfg, reuse=True):
+        return st.store_soft_labels(folder, data, [teacher], (16, 16), config, CPU, PREC, seed=seed, fmt="fp16",
+                                    num_workers=0, reuse=reuse)
+
+    first = store(3)
+    rows = SoftLabelShards(folder)[0].clone()
+    calls, real = [], st.teacher_logits
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed  # a relabelling pass cut off after its first batch
+        return real(*a, **k)
+
+    monkeypatch.setattr(st, "teacher_logits", counted)
+    assert store(3) == first and not calls, "the same seed and training: kept, no teacher call"
+    with pytest.raises(_Killed):
+        store(3, reuse=False)
+    assert not (folder / st.STORED).exists(), "a pass cut off leaves no marker"
+    monkeypatch.setattr(st, "teacher_logits", real)
+    assert store(3) == first, "relabelled after the cut-off pass"
+    torch.testing.assert_close(SoftLabelShards(folder)[0], rows, msg="the same rows again")
+    store(4)
+    assert not torch.equal(SoftLabelShards(folder)[0], rows), "another seed draws other crops: relabelled"
+    monkeypatch.setattr(st, "teacher_logits", counted)
+    calls.clear()
+    with pytest.raises(_Killed):
+        store(4, config=st.StudentConfig(epochs=3, batch_size=6, cutmix=1.0))
+    assert calls, "another training (epochs): relabelled"
+
+
 class _Killed(Exception):
     pass
 
