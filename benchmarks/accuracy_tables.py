@@ -11,8 +11,11 @@ SRe2L and the RDED-style init at each ipc, random real in the RDED-style runs; `
 LGM: the default preset (ResNet-18 trained on the digits) at each ipc; the linear probe on the unseen RegNetX,
 5 runs, against random real and all real images.
 
-Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it; the first runs of each
-teacher family go alone so the cached teachers are trained once, then the rest run `--jobs` at a time. Results are
+`--pipeline default` runs the FADRM cells with the digits' default preset as it ships (no published overrides).
+
+Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it; a FADRM run without
+recovery or students (and the first LGM run) goes first, so the cached teachers are trained once, then the rest
+run `--jobs` at a time. Results are
 re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished. Run again
 into the same `--out-dir`, finished runs are read back, not re-run, and a run cut off continues from its checkpoint
 (mid-recovery, or mid-student from the student's last checkpoint); with the teachers already in that folder's cache
@@ -53,19 +56,22 @@ COMMON = ["progress=false", "checkpoint_every=100", "compile=false", "kernels=to
 # kernels: the same maths as the Triton ones (tests/kernels), and the path every CPU run of these tables takes
 
 
-def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, parallel: int = 1) -> list[dict]:
+def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, parallel: int = 1,
+         pipeline: str = "published") -> list[dict]:
     """Every run, the ones that train a cached teacher first (``warm``). A FADRM run trains both students on the set
-    it recovers: the recovery, the dear part, runs once per cell."""
-    out = []
+    it recovers: the recovery, the dear part, runs once per cell. FADRM's teacher is trained by a run of its own
+    (``role: teachers``: the same teacher settings, no recovery, no student), so the cells then start together."""
+    fadrm = ["+method=fadrm", *(FADRM_PUBLISHED if pipeline == "published" else []), *(FADRM_DRY if dry else [])]
+    out = [{"method": "fadrm", "role": "teachers", "ipc": 1, "warm": True,
+            "args": [*fadrm, "ipc=1", "method.variant=rded", "method.eval.students=[]",
+                     "method.eval.real_random=false"]}] if variants else []
     students = f"method.eval.students=[{','.join(STUDENTS)}]"
     for ipc in ipcs:
         for variant in variants:
-            args = ["+method=fadrm", *FADRM_PUBLISHED, *(FADRM_DRY if dry else []), f"ipc={ipc}",
-                    f"method.parallel_batches={parallel}",
+            args = [*fadrm, f"ipc={ipc}", f"method.parallel_batches={parallel}",
                     f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
                     f"method.eval.real_random={str(variant == 'rded').lower()}"]
-            out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args,
-                        "warm": (ipc, variant) == (ipcs[0], variants[-1])})
+            out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args, "warm": False})
         if ipc not in lgm_ipcs:
             continue
         args = ["+method=lgm", f"ipc={ipc}", *(["preset=smoke", "method.iterations=2", "eval.epochs=1", "eval.runs=2",
@@ -76,6 +82,8 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, paral
 
 
 def name(job: dict) -> str:
+    if job.get("role"):
+        return f"{job['method']}_{job['role']}"
     return "_".join(p for p in (job["method"], f"ipc{job['ipc']}", job.get("variant", "")) if p)
 
 
@@ -123,10 +131,14 @@ def resume(todo: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
 def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants), args.parallel_batches)
+    every = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants), args.parallel_batches,
+                 args.pipeline)
+    todo = [j for j in every if not j.get("role")]  # the table's runs
     rows, launch_list = resume(todo, out)
     if any((out / "cache").glob("*")):  # teachers trained by an earlier call: no run needs to go first alone
         launch_list = [{**j, "warm": False} for j in launch_list]
+    else:
+        launch_list = [j for j in every if j.get("role")] + launch_list
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDISTILL_CACHE": str(out / "cache")}
     start, running, log = time.time(), [], open(out / "runs.log", "a")
     # the runs' device (device=auto), named once: the runs are child processes
@@ -135,7 +147,8 @@ def run(args) -> None:
     def write():
         (out / "accuracy_tables.json").write_text(json.dumps(
             {"benchmark": "accuracy_tables", "device": device, "git_sha": git_sha(), "seeds": args.seeds,
-             "fadrm_overrides": FADRM_PUBLISHED, "rows": rows,
+             "pipeline": args.pipeline, "fadrm_overrides": FADRM_PUBLISHED if args.pipeline == "published" else [],
+             "rows": rows,
              "missing": [name(j) for j in todo if name(j) not in {r["name"] for r in rows}]},
             indent=1))
 
@@ -154,22 +167,25 @@ def run(args) -> None:
                     proc.kill()
                 if proc.poll() is not None:
                     running.remove(item)
-                    found = collect(job, folder) if proc.returncode == 0 else None
-                    status = "ok" if found else f"rc={proc.returncode}"
+                    found = collect(job, folder) if proc.returncode == 0 and not job.get("role") else None
+                    ok = bool(found) or (job.get("role") is not None and proc.returncode == 0)
+                    status = "ok" if ok else f"rc={proc.returncode}"
                     print(f"{time.time() - start:6.0f}s {status} {name(job)} ({time.time() - t0:.0f} s)", flush=True)
+                    if job["warm"] and not ok:
+                        failed.add(job["method"])
                     if found:
                         rows.extend({"name": name(job), "seconds": round(time.time() - t0, 1), **r} for r in found)
                         write()
                     return
             time.sleep(1)
 
-    warmed = {j["method"] for j in launch_list if j["warm"]}
+    failed = set()  # methods whose first run (the one that trains the teachers) failed: runs.log says why
     for warm in (True, False):
         for job in [j for j in launch_list if j["warm"] == warm]:
             if time.time() - start > args.budget:
                 break
-            if not warm and job["method"] in warmed and not any(r["method"] == job["method"] for r in rows):
-                continue  # its first run (the one that trains the teachers) failed: runs.log says why
+            if not warm and job["method"] in failed:
+                continue
             while len(running) >= args.jobs:
                 reap()
             running.append(launch(job))
@@ -193,7 +209,8 @@ def report(paths: list[str]) -> None:
     d = {"rows": list({(r["name"], r.get("student")): r for f in files for r in f["rows"]}.values()),
          "missing": sorted({m for f in files for m in f["missing"]} - {r["name"] for f in files for r in f["rows"]})}
     fadrm = {(r["ipc"], r["variant"], r["student"]): r for r in d["rows"] if r["method"] == "fadrm"}
-    where = "; ".join(f"{f['device']}, git {f['git_sha']}, {f['seeds']} student seeds" for f in files)
+    where = "; ".join(f"{f.get('pipeline', 'published')} pipeline, {f['device']}, git {f['git_sha']}, "
+                      f"{f['seeds']} student seeds" for f in files)
     print(f"FADRM, mean ± std over student seeds (population, as the runs report it): {where}\n")
     print("| ipc | student | FADRM | SRe2L | RDED-style | random real |\n|---|---|---|---|---|---|")
     for ipc in sorted({k[0] for k in fadrm}):
@@ -218,6 +235,8 @@ def main() -> None:
                    "FADRM only")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="the FADRM columns to run (calls with different ones can share an --out-dir)")
+    p.add_argument("--pipeline", choices=("published", "default"), default="published",
+                   help="FADRM with the published pipeline's overrides, or the digits' default preset as it ships")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--parallel-batches", type=int, default=1, help="FADRM recovery batches side by side (a GPU: "
                    "all of a run's; the same images to rounding, faster where one batch leaves the device idle)")

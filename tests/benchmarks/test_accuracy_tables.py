@@ -13,10 +13,16 @@ import accuracy_tables as tables  # noqa: E402
 def test_runs_first_train_each_teacher_once_and_cover_the_table():
     jobs = tables.jobs([1, 10, 50], seeds=3, dry=False)
     names = [tables.name(j) for j in jobs]
-    assert len(names) == len(set(names)) == 3 * 3 + 2  # a FADRM run per (ipc, variant), LGM at ipc 1 and 10 only
+    # the teachers' run, a FADRM run per (ipc, variant), LGM at ipc 1 and 10 only
+    assert len(names) == len(set(names)) == 1 + 3 * 3 + 2
     warm = [j for j in jobs if j["warm"]]
-    assert jobs[:2] == warm and {j["method"] for j in warm} == {"fadrm", "lgm"}
-    fadrm = [j for j in jobs if j["method"] == "fadrm"]
+    assert jobs[:2] == warm and [tables.name(j) for j in warm] == ["fadrm_teachers", "lgm_ipc1"]
+    teachers, fadrm = warm[0], [j for j in jobs if j["method"] == "fadrm" and not j.get("role")]
+    # the cells' teacher settings (the published overrides) with no recovery and no student: the same cached teacher
+    assert teachers["args"][:len(tables.FADRM_PUBLISHED) + 1] == fadrm[0]["args"][:len(tables.FADRM_PUBLISHED) + 1]
+    assert {"method.variant=rded", "method.eval.students=[]"} <= set(teachers["args"])
+    default = tables.jobs([10], 3, False, lgm_ipcs=(), pipeline="default")
+    assert not set(tables.FADRM_PUBLISHED) & {a for j in default for a in j["args"]}, "the preset as it ships"
     # one recovery per cell, both students on it; random real once per ipc: in the RDED-style run
     assert all(f"method.eval.students=[{','.join(tables.STUDENTS)}]" in j["args"] for j in fadrm)
     assert sum("method.eval.real_random=true" in j["args"] for j in fadrm) == 3
@@ -24,7 +30,7 @@ def test_runs_first_train_each_teacher_once_and_cover_the_table():
 
 
 def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
-    job = next(j for j in tables.jobs([1], 3, False) if j["method"] == "fadrm" and j["variant"] == "rded")
+    job = next(j for j in tables.jobs([1], 3, False) if j["method"] == "fadrm" and j.get("variant") == "rded")
     per_seed = {"synthetic": [0.5, 0.6, 0.7], "real_random": [0.8, 0.8, 0.9]}
     other = {"synthetic": [0.2, 0.2, 0.2], "real_random": [0.3, 0.3, 0.3]}
     a, b = tables.STUDENTS
@@ -57,7 +63,7 @@ def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
 
 
 def test_resume_reads_finished_runs_and_continues_cut_off_ones(tmp_path):
-    todo = tables.jobs([10], 3, False, lgm_ipcs=())
+    todo = [j for j in tables.jobs([10], 3, False, lgm_ipcs=()) if not j.get("role")]
     assert [j["method"] for j in todo] == ["fadrm"] * 3, "no LGM row when none is asked for"
     by_name = {tables.name(j): j for j in todo}
     finished, cut, fresh = (tmp_path / "runs" / n for n in ("fadrm_ipc10_sre2l", "fadrm_ipc10_fadrm",
