@@ -22,7 +22,7 @@ def test_runs_first_train_each_teacher_once_and_cover_the_table():
     assert teachers["args"][:len(tables.FADRM_PUBLISHED) + 1] == fadrm[0]["args"][:len(tables.FADRM_PUBLISHED) + 1]
     assert {"method.variant=rded", "method.eval.students=[]"} <= set(teachers["args"])
     default = tables.jobs([10], 3, False, lgm_ipcs=(), pipeline="default")
-    assert not set(tables.FADRM_PUBLISHED) - {"method.lr=0.25"} & {a for j in default for a in j["args"]}, \
+    assert not (set(tables.FADRM_PUBLISHED) - {"method.lr=0.25"}) & {a for j in default for a in j["args"]}, \
         "the preset as it ships"
     assert [j.get("variant") for j in default if "method.lr=0.25" in j["args"]] == ["sre2l"]
     # one recovery per cell, both students on it; random real once per ipc: in the RDED-style run
