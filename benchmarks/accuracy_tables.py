@@ -63,7 +63,7 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, paral
     it recovers: the recovery, the dear part, runs once per cell. FADRM's teacher is trained by a run of its own
     (``role: teachers``: the same teacher settings, no recovery, no student), so the cells then start together."""
     fadrm = ["+method=fadrm", *(FADRM_PUBLISHED if pipeline == "published" else []), *(FADRM_DRY if dry else [])]
-    out = [{"method": "fadrm", "role": "teachers", "ipc": 1, "warm": True,
+    out = [{"method": "fadrm", "pipeline": pipeline, "role": "teachers", "ipc": 1, "warm": True,
             "args": [*fadrm, "ipc=1", "method.variant=rded", "method.eval.students=[]",
                      "method.eval.real_random=false"]}] if variants else []
     students = f"method.eval.students=[{','.join(STUDENTS)}]"
@@ -74,7 +74,8 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, paral
             args = [*fadrm, *lr, f"ipc={ipc}", f"method.parallel_batches={parallel}",
                     f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
                     f"method.eval.real_random={str(variant == 'rded').lower()}"]
-            out.append({"method": "fadrm", "ipc": ipc, "variant": variant, "args": args, "warm": False})
+            out.append({"method": "fadrm", "pipeline": pipeline, "ipc": ipc, "variant": variant, "args": args,
+                        "warm": False})
         if ipc not in lgm_ipcs:
             continue
         args = ["+method=lgm", f"ipc={ipc}", *(["preset=smoke", "method.iterations=2", "eval.epochs=1", "eval.runs=2",
@@ -85,9 +86,11 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, paral
 
 
 def name(job: dict) -> str:
+    """The run's folder under runs/: a FADRM run of the default pipeline is named so (it may share an --out-dir)."""
+    method = job["method"] if job.get("pipeline", "published") == "published" else f"{job['method']}_{job['pipeline']}"
     if job.get("role"):
-        return f"{job['method']}_{job['role']}"
-    return "_".join(p for p in (job["method"], f"ipc{job['ipc']}", job.get("variant", "")) if p)
+        return f"{method}_{job['role']}"
+    return "_".join(p for p in (method, f"ipc{job['ipc']}", job.get("variant", "")) if p)
 
 
 def collect(job: dict, folder: Path) -> list[dict] | None:
@@ -138,10 +141,13 @@ def run(args) -> None:
                  args.pipeline)
     todo = [j for j in every if not j.get("role")]  # the table's runs
     rows, launch_list = resume(todo, out)
-    if any((out / "cache").glob("*")):  # teachers trained by an earlier call: no run needs to go first alone
-        launch_list = [{**j, "warm": False} for j in launch_list]
-    else:
-        launch_list = [j for j in every if j.get("role")] + launch_list
+    # a method's teachers are trained once, first: by its teachers run (FADRM) unless that run finished in an
+    # earlier call, or by its first run (LGM) unless one of its runs finished; only for a method with runs to do
+    finished = lambda j: (out / "runs" / name(j) / "metrics.json").is_file()  # noqa: E731
+    trained = {r["method"] for r in rows} | {j["method"] for j in every if j.get("role") and finished(j)}
+    pending = {j["method"] for j in launch_list}
+    launch_list = [j for j in every if j.get("role") and j["method"] in pending and not finished(j)] + \
+        [{**j, "warm": j["warm"] and j["method"] not in trained} for j in launch_list]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDISTILL_CACHE": str(out / "cache")}
     start, running, log = time.time(), [], open(out / "runs.log", "a")
     # the runs' device (device=auto), named once: the runs are child processes
@@ -150,7 +156,8 @@ def run(args) -> None:
     def write():
         (out / "accuracy_tables.json").write_text(json.dumps(
             {"benchmark": "accuracy_tables", "device": device, "git_sha": git_sha(), "seeds": args.seeds,
-             "pipeline": args.pipeline, "fadrm_overrides": FADRM_PUBLISHED if args.pipeline == "published" else [],
+             "pipeline": args.pipeline,
+             "fadrm_overrides": FADRM_PUBLISHED if args.pipeline == "published" else ["method.lr=0.25 (SRe2L)"],
              "rows": rows,
              "missing": [name(j) for j in todo if name(j) not in {r["name"] for r in rows}]},
             indent=1))

@@ -22,6 +22,7 @@ mean. The learning rate is defined for the global batch and never divided by the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -190,17 +191,34 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 STORED = "stored.json"  # written last by store_soft_labels: what the folder's labels are of, and their sizes
 
 
+def _fingerprint(train_set: ImageDataset, teachers: list[Backbone]) -> str:
+    """What a set of soft labels depends on beyond the training's settings: the images (their pixels in memory, else
+    each file's path, size and mtime), their labels and every teacher weight."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(train_set.labels.cpu().numpy().tobytes())
+    if train_set.images is not None:
+        h.update(train_set.images.contiguous().numpy().tobytes())
+    else:
+        for path in train_set.paths:
+            st = Path(path).stat()
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for t in teachers:
+        for v in t.state_dict().values():
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: list[Backbone],
                       image_size: tuple[int, int], cfg: StudentConfig, device: torch.device, precision: Precision,
                       seed: int, fmt: str, num_workers="auto", reuse: bool = False) -> dict:
     """FKD-style relabelling ahead of training: the teachers' logits of every crop :func:`train_student` will draw
     with ``seed`` (one row per image per epoch, in step order) as compact shards (``data/soft_labels.py``).
     Returns the folder's sizes; training reads it back through a stock ``DataLoader`` with no teacher in memory.
-    ``reuse``: labels this folder already holds for the same seed, set size, format and training are kept, not
-    relabelled (a resumed student: at ImageNet scale the pass is hours); the teachers are the caller's to keep."""
+    ``reuse``: labels this folder already holds for the same seed, images, teachers, format, precision and training
+    are kept, not relabelled (a resumed student: at ImageNet scale the pass is hours)."""
     folder = Path(folder)
     identity = {"seed": seed, "images": len(train_set), "classes": len(train_set.classes), "format": fmt,
-                "config": asdict(cfg)}
+                "precision": precision.name, "config": asdict(cfg), "fingerprint": _fingerprint(train_set, teachers)}
     marker = folder / STORED
     if reuse and marker.is_file():
         with contextlib.suppress(ValueError, KeyError):

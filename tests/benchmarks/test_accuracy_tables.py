@@ -1,9 +1,12 @@
 """benchmarks/accuracy_tables.py without running a method: the run list, the reading of a run's metrics.json and the
 README table, on hand-made run folders."""
+import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -21,14 +24,62 @@ def test_runs_first_train_each_teacher_once_and_cover_the_table():
     # the cells' teacher settings (the published overrides) with no recovery and no student: the same cached teacher
     assert teachers["args"][:len(tables.FADRM_PUBLISHED) + 1] == fadrm[0]["args"][:len(tables.FADRM_PUBLISHED) + 1]
     assert {"method.variant=rded", "method.eval.students=[]"} <= set(teachers["args"])
-    default = tables.jobs([10], 3, False, lgm_ipcs=(), pipeline="default")
-    assert not (set(tables.FADRM_PUBLISHED) - {"method.lr=0.25"}) & {a for j in default for a in j["args"]}, \
-        "the preset as it ships"
-    assert [j.get("variant") for j in default if "method.lr=0.25" in j["args"]] == ["sre2l"]
     # one recovery per cell, both students on it; random real once per ipc: in the RDED-style run
     assert all(f"method.eval.students=[{','.join(tables.STUDENTS)}]" in j["args"] for j in fadrm)
     assert sum("method.eval.real_random=true" in j["args"] for j in fadrm) == 3
     assert all("method.eval.seeds=3" in j["args"] and "method.eval.cutmix=1.0" in j["args"] for j in fadrm)
+    default = tables.jobs([10], 3, False, lgm_ipcs=(), pipeline="default")
+    assert not (set(tables.FADRM_PUBLISHED) - {"method.lr=0.25"}) & {a for j in default for a in j["args"]}, \
+        "the preset as it ships"
+    assert [j.get("variant") for j in default if "method.lr=0.25" in j["args"]] == ["sre2l"]
+    assert all(tables.name(j).startswith("fadrm_default_") for j in default), "its own folders in a shared out-dir"
+
+
+def test_run_trains_the_teachers_first_and_once(tmp_path, monkeypatch):
+    # the runs faked: each ends at its second poll, the teachers run fails while `fail` says so
+    launched, alive, fail = [], [], {"fadrm_teachers"}
+
+    class Proc:
+        def __init__(self, cmd, **_):
+            folder = Path(next(a for a in cmd if a.startswith("out="))[4:])
+            launched.append((folder.name, [p.name for p in alive]))
+            self.name, self.returncode, self.polls = folder.name, None, 0
+            self.code = 1 if folder.name in fail else 0
+            alive.append(self)
+            if not self.code:
+                folder.mkdir(parents=True, exist_ok=True)
+                cell = {"students": {"timm:resnet18": {"synthetic": 0.5}}, "seconds_per_image": 1.0, "recovery": []}
+                (folder / "metrics.json").write_text(json.dumps({} if "teachers" in folder.name else cell))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 2 and self.returncode is None:
+                self.returncode = self.code
+                alive.remove(self)
+            return self.returncode
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=Proc, STDOUT=subprocess.STDOUT))
+    args = argparse.Namespace(out_dir=str(tmp_path), ipc=[10], seeds=1, dry=True, lgm_ipc=[],
+                              variants=list(tables.VARIANTS), parallel_batches=1, pipeline="published", budget=1e9,
+                              jobs=3)
+    cells = sorted(f"fadrm_ipc10_{v}" for v in tables.VARIANTS)
+    tables.run(args)
+    assert launched == [("fadrm_teachers", [])], "a failed teachers run: no cell trains a teacher of its own"
+    fail.clear()
+    launched.clear()
+    tables.run(args)
+    assert launched[0] == ("fadrm_teachers", []) and sorted(n for n, _ in launched[1:]) == cells
+    assert all("fadrm_teachers" not in running for _, running in launched[1:]), "the cells wait for the teachers"
+    assert [n for n, running in launched[1:] if running] != [], "then the cells run side by side"
+    launched.clear()
+    tables.run(args)
+    assert launched == [], "finished runs are read back, the teachers run is not repeated"
+    (tmp_path / "runs" / "fadrm_ipc10_sre2l" / "metrics.json").unlink()
+    tables.run(args)
+    assert launched == [("fadrm_ipc10_sre2l", [])], "the teachers' run finished in an earlier call"
 
 
 def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):

@@ -190,11 +190,19 @@ def test_stored_labels_are_reused_only_for_the_same_training(tmp_path, monkeypat
     torch.testing.assert_close(SoftLabelShards(folder)[0], rows, msg="the same rows again")
     store(4)
     assert not torch.equal(SoftLabelShards(folder)[0], rows), "another seed draws other crops: relabelled"
-    monkeypatch.setattr(st, "teacher_logits", counted)
-    calls.clear()
-    with pytest.raises(_Killed):
-        store(4, config=st.StudentConfig(epochs=3, batch_size=6, cutmix=1.0))
-    assert calls, "another training (epochs): relabelled"
+    other = create_backbone("timm:test_resnet", num_classes=4).freeze()
+    changes = {"another training (epochs)": {"config": st.StudentConfig(epochs=3, batch_size=6, cutmix=1.0)},
+               "other images of the same number": {"data": data.subset(torch.arange(len(data)).flip(0))},
+               "another teacher": {"teachers": [other]}}
+    for what, change in changes.items():
+        monkeypatch.setattr(st, "teacher_logits", real)
+        store(4)  # a finished seed-4 pass and its marker
+        monkeypatch.setattr(st, "teacher_logits", counted)
+        calls.clear()
+        with pytest.raises(_Killed):
+            st.store_soft_labels(folder, change.get("data", data), change.get("teachers", [teacher]), (16, 16),
+                                 change.get("config", cfg), CPU, PREC, seed=4, fmt="fp16", num_workers=0, reuse=True)
+        assert calls, f"{what}: relabelled"
 
 
 class _Killed(Exception):
