@@ -308,8 +308,14 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     n = len(train_set)
     per_epoch = steps_per_epoch(n, cfg.batch_size)
     lr = lr_per_step(cfg, per_epoch)
-    # micro-batches of the published gradient accumulation (a loader batch of 16 as 2 x 8): BN sees each on its own
-    micro = max(1, cfg.batch_size // (cfg.accumulation_steps * world))
+    # micro-batches of the published gradient accumulation (a loader batch of 16 as 2 x 8): BN sees each on its own.
+    # The published training runs in one process; ranks take whole micro-batches while there are enough of them
+    # (2 ranks: one 8 each, the published step up to summation order), else each rank's share at once
+    micro = max(1, min(cfg.batch_size // cfg.accumulation_steps, cfg.batch_size // world))
+    if micro < cfg.batch_size // cfg.accumulation_steps:
+        console.note(f"student {arch}: {world} processes share a batch of {cfg.batch_size}, so BatchNorm sees {micro} "
+                     f"images per micro-batch instead of {cfg.batch_size // cfg.accumulation_steps}; at most "
+                     f"{cfg.accumulation_steps} processes keep the training of one")
     t = cfg.temperature
     step, losses, checks, best, first = 0, [], [], None, 0
     identity = {"arch": arch, "seed": seed, "images": n, "processes": world, "config": asdict(cfg)}
