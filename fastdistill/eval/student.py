@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdistill import console
+from fastdistill.artifacts import write_json
 from fastdistill.data.dataset import ImageDataset
 from fastdistill.data.loaders import TorchLoader
 from fastdistill.data.soft_labels import SoftLabelShards, SoftLabelWriter
@@ -237,9 +238,7 @@ def store_soft_labels(folder: str | Path, train_set: ImageDataset, teachers: lis
     n = max(len(train_set), 1)
     stats = {"format": fmt, "rows": writer.rows, "payload_bytes": writer.payload_bytes,
              "bytes_per_image": writer.payload_bytes / n, "file_bytes_per_image": files / n}
-    tmp = marker.with_name(f".{STORED}.tmp")
-    tmp.write_text(json.dumps({"identity": identity, "stats": stats}, indent=1))
-    tmp.replace(marker)
+    write_json(marker, {"identity": identity, "stats": stats})
     return stats
 
 
@@ -311,11 +310,12 @@ def train_student(arch: str, train_set: ImageDataset, teachers: list[Backbone], 
     # micro-batches of the published gradient accumulation (a loader batch of 16 as 2 x 8): BN sees each on its own.
     # The published training runs in one process; ranks take whole micro-batches while there are enough of them
     # (2 ranks: one 8 each, the published step up to summation order), else each rank's share at once
-    micro = max(1, min(cfg.batch_size // cfg.accumulation_steps, cfg.batch_size // world))
-    if micro < cfg.batch_size // cfg.accumulation_steps:
+    published = cfg.batch_size // cfg.accumulation_steps
+    micro = max(1, min(published, cfg.batch_size // world))
+    if micro < published:
         console.note(f"student {arch}: {world} processes share a batch of {cfg.batch_size}, so BatchNorm sees {micro} "
-                     f"images per micro-batch instead of {cfg.batch_size // cfg.accumulation_steps}; at most "
-                     f"{cfg.accumulation_steps} processes keep the training of one")
+                     f"images per micro-batch instead of {published}; at most {cfg.accumulation_steps} processes keep "
+                     "the training of one")
     t = cfg.temperature
     step, losses, checks, best, first = 0, [], [], None, 0
     identity = {"arch": arch, "seed": seed, "images": n, "processes": world, "config": asdict(cfg)}
