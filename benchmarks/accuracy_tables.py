@@ -30,8 +30,10 @@ about 20 core-hours, over several calls with one variant per core (`--variants`)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -134,9 +136,58 @@ def resume(todo: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
     return rows, rest
 
 
+# what a snapshot leaves out: a student's checkpoint is its weights and optimizer moments (30-130 MB; the finished
+# students are in students_done.json, so a cut-off student restarts) and stored labels are rebuilt from the teachers
+NOT_IN_SNAPSHOT = ("students", "soft_labels")
+
+
+def teacher_digests(out: Path) -> dict[str, str]:
+    """sha256 of each cached teacher's weights (the model tensors of its checkpoint, by name), by cache folder."""
+    digests = {}
+    for ckpt in sorted((out / "cache" / "teachers").glob("*/*/checkpoint.pt")):
+        model = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+        h = hashlib.sha256()
+        for key in sorted(model):
+            h.update(key.encode())
+            h.update(model[key].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        digests[str(ckpt.parent.relative_to(out / "cache"))] = h.hexdigest()
+    return digests
+
+
+def snapshot(out: Path, to: Path) -> None:
+    """What a later call on another machine needs to continue ``out`` (``--resume-from``), small enough to keep: the
+    run folders without their students' checkpoints and stored labels, and the digests of the cached teachers,
+    which that call retrains (bitwise the same on the same CPU and torch; it says so where they differ): the runs
+    that only train teachers (``*_teachers``) are left out with the weights, so they run again."""
+    if to.exists():
+        shutil.rmtree(to)
+    for run_dir in sorted((out / "runs").iterdir()):
+        if run_dir.is_dir() and not run_dir.name.endswith("_teachers"):
+            shutil.copytree(run_dir, to / "runs" / run_dir.name, ignore=shutil.ignore_patterns(*NOT_IN_SNAPSHOT))
+    for f in ("runs.log", "accuracy_tables.json"):
+        if (out / f).is_file():
+            shutil.copy2(out / f, to / f)
+    (to / "teachers.json").write_text(json.dumps(teacher_digests(out), indent=1))
+    print(f"snapshot of {out} in {to}")
+
+
+def restore(snap: Path, out: Path) -> dict[str, str]:
+    """Copies a snapshot's run folders into ``out`` (a file already there is kept: it is as new or newer); returns
+    the snapshot's teacher digests."""
+    for f in sorted((snap / "runs").rglob("*")):
+        dest = out / "runs" / f.relative_to(snap / "runs")
+        if f.is_file() and not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+    if (snap / "runs.log").is_file() and not (out / "runs.log").exists():
+        shutil.copy2(snap / "runs.log", out / "runs.log")
+    return json.loads((snap / "teachers.json").read_text())
+
+
 def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    expected = restore(Path(args.resume_from), out) if args.resume_from else {}
     every = jobs(args.ipc, args.seeds, args.dry, args.lgm_ipc, tuple(args.variants), args.parallel_batches,
                  args.pipeline)
     todo = [j for j in every if not j.get("role")]  # the table's runs
@@ -158,7 +209,7 @@ def run(args) -> None:
             {"benchmark": "accuracy_tables", "device": device, "git_sha": git_sha(), "seeds": args.seeds,
              "pipeline": args.pipeline,
              "fadrm_overrides": FADRM_PUBLISHED if args.pipeline == "published" else ["method.lr=0.25 (SRe2L)"],
-             "rows": rows,
+             "rows": rows, "teachers": teacher_digests(out), **({"teachers_note": teachers_note} if teachers_note else {}),
              "missing": [name(j) for j in todo if name(j) not in {r["name"] for r in rows}]},
             indent=1))
 
@@ -189,6 +240,7 @@ def run(args) -> None:
                     return
             time.sleep(1)
 
+    teachers_note = {}  # a teacher that differs from the one a restored snapshot's runs used
     failed = set()  # methods whose first run (the one that trains the teachers) failed: runs.log says why
     for warm in (True, False):
         for job in [j for j in launch_list if j["warm"] == warm]:
@@ -201,6 +253,13 @@ def run(args) -> None:
             running.append(launch(job))
         while running:
             reap()
+        if warm and expected:  # the teachers the snapshot's runs used, retrained here
+            found = teacher_digests(out)
+            changed = sorted(k for k, v in expected.items() if found.get(k) not in (None, v))
+            teachers_note.update({k: "retrained, other weights than the snapshot's" for k in changed})
+            for k in changed:
+                print(f"teacher {k}: retrained here with other weights than the snapshot's runs used (another CPU "
+                      "or torch); the runs continue with it", flush=True)
     write()
     done = len({r["name"] for r in rows})
     print(f"{done} of {len(todo)} runs finished in {time.time() - start:.0f} s: {out / 'accuracy_tables.json'}")
@@ -253,10 +312,15 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budget", type=float, default=1e9, help="seconds; runs still going then are killed")
     p.add_argument("--dry", action="store_true", help="tiny sizes (smoke presets, a couple of iterations)")
+    p.add_argument("--snapshot", metavar="DIR", help="copy the --out-dir's resumable state (no student checkpoints, "
+                   "no teacher weights) to DIR and exit")
+    p.add_argument("--resume-from", metavar="DIR", help="a --snapshot to continue from (on another machine)")
     p.add_argument("--report", nargs="+", help="print the markdown tables of these accuracy_tables.json and exit")
     args = p.parse_args()
     if args.report:
         report(args.report)
+    elif args.snapshot:
+        snapshot(Path(args.out_dir), Path(args.snapshot))
     else:
         run(args)
 

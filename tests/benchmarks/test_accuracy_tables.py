@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy_tables as tables  # noqa: E402
@@ -35,36 +37,52 @@ def test_runs_first_train_each_teacher_once_and_cover_the_table():
     assert all(tables.name(j).startswith("fadrm_default_") for j in default), "its own folders in a shared out-dir"
 
 
-def test_run_trains_the_teachers_first_and_once(tmp_path, monkeypatch):
-    # the runs faked: each ends at its second poll, the teachers run fails while `fail` says so
-    launched, alive, fail = [], [], {"fadrm_teachers"}
+class FakeRuns:
+    """``subprocess.Popen`` for run(): each run ends at its second poll, writing a cell's metrics.json; a run named
+    in ``fail`` fails; a teachers run caches a teacher whose weights are ``teacher``."""
 
-    class Proc:
-        def __init__(self, cmd, **_):
-            folder = Path(next(a for a in cmd if a.startswith("out="))[4:])
-            launched.append((folder.name, [p.name for p in alive]))
-            self.name, self.returncode, self.polls = folder.name, None, 0
-            self.code = 1 if folder.name in fail else 0
-            alive.append(self)
-            if not self.code:
+    def __init__(self):
+        self.launched, self.alive, self.fail, self.teacher = [], [], set(), torch.zeros(3)
+        runs = self
+
+        class Proc:
+            def __init__(self, cmd, env=None, **_):
+                folder = Path(next(a for a in cmd if a.startswith("out="))[4:])
+                runs.launched.append((folder.name, [p.name for p in runs.alive]))
+                self.name, self.returncode, self.polls = folder.name, None, 0
+                self.code = 1 if folder.name in runs.fail else 0
+                runs.alive.append(self)
+                if self.code:
+                    return
                 folder.mkdir(parents=True, exist_ok=True)
                 cell = {"students": {"timm:resnet18": {"synthetic": 0.5}}, "seconds_per_image": 1.0, "recovery": []}
                 (folder / "metrics.json").write_text(json.dumps({} if "teachers" in folder.name else cell))
+                if "teachers" in folder.name:
+                    cached = Path(env["FASTDISTILL_CACHE"]) / "teachers" / "teacher" / "h"
+                    cached.mkdir(parents=True, exist_ok=True)
+                    torch.save({"model": {"w": runs.teacher.clone()}}, cached / "checkpoint.pt")
 
-        def poll(self):
-            self.polls += 1
-            if self.polls >= 2 and self.returncode is None:
-                self.returncode = self.code
-                alive.remove(self)
-            return self.returncode
+            def poll(self):
+                self.polls += 1
+                if self.polls >= 2 and self.returncode is None:
+                    self.returncode = self.code
+                    runs.alive.remove(self)
+                return self.returncode
 
-        def kill(self):
-            pass
+            def kill(self):
+                pass
 
-    monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=Proc, STDOUT=subprocess.STDOUT))
+        self.Popen = Proc
+
+
+def test_run_trains_the_teachers_first_and_once(tmp_path, monkeypatch):
+    fake = FakeRuns()
+    launched, fail = fake.launched, fake.fail
+    fail.add("fadrm_teachers")
+    monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=fake.Popen, STDOUT=subprocess.STDOUT))
     args = argparse.Namespace(out_dir=str(tmp_path), ipc=[10], seeds=1, dry=True, lgm_ipc=[],
                               variants=list(tables.VARIANTS), parallel_batches=1, pipeline="published", budget=1e9,
-                              jobs=3)
+                              jobs=3, resume_from=None)
     cells = sorted(f"fadrm_ipc10_{v}" for v in tables.VARIANTS)
     tables.run(args)
     assert launched == [("fadrm_teachers", [])], "a failed teachers run: no cell trains a teacher of its own"
@@ -132,3 +150,35 @@ def test_resume_reads_finished_runs_and_continues_cut_off_ones(tmp_path):
     assert sorted(rest) == ["fadrm_ipc10_fadrm", "fadrm_ipc10_rded"]
     assert rest["fadrm_ipc10_fadrm"]["args"] == [*by_name["fadrm_ipc10_fadrm"]["args"], "resume=true"]
     assert rest["fadrm_ipc10_rded"]["args"] == by_name["fadrm_ipc10_rded"]["args"] and fresh.name in rest
+
+
+def test_a_snapshot_continues_elsewhere_without_student_checkpoints(tmp_path, monkeypatch):
+    fake = FakeRuns()
+    monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=fake.Popen, STDOUT=subprocess.STDOUT))
+    here, snap, there = tmp_path / "here", tmp_path / "snap", tmp_path / "there"
+    args = argparse.Namespace(out_dir=str(here), ipc=[10], seeds=1, dry=True, lgm_ipc=[], variants=["fadrm"],
+                              parallel_batches=1, pipeline="published", budget=1e9, jobs=2, resume_from=None)
+    tables.run(args)
+    cut = here / "runs" / "fadrm_ipc10_fadrm"
+    (cut / "metrics.json").unlink()  # a run cut off: recovered batches, a finished student, one mid-training
+    (cut / "checkpoint.pt").write_bytes(b"state")
+    (cut / "students_done.json").write_text('{"timm:resnet18/synthetic/0": 0.5}')
+    (cut / "distilled" / "0").mkdir(parents=True)
+    (cut / "distilled" / "0" / "0.png").write_bytes(b"png")
+    for big in ("students/timm_resnet18_synthetic_1/checkpoint.pt", "soft_labels/r18/synthetic/0.safetensors"):
+        (cut / big).parent.mkdir(parents=True)
+        (cut / big).write_bytes(b"weights")
+    tables.snapshot(here, snap)
+    kept = {str(f.relative_to(snap)) for f in snap.rglob("*") if f.is_file()}
+    assert "runs/fadrm_ipc10_fadrm/distilled/0/0.png" in kept and "runs/fadrm_ipc10_fadrm/checkpoint.pt" in kept
+    assert not any("students/" in k or "soft_labels" in k or "cache" in k or "_teachers" in k for k in kept), kept
+    assert json.loads((snap / "teachers.json").read_text()) == tables.teacher_digests(here) != {}
+    # another machine: the teachers run again (their weights are not in the snapshot), then the cut-off run resumes
+    fake.launched.clear()
+    fake.teacher = torch.ones(3)  # retrained there with other weights
+    tables.run(argparse.Namespace(**{**vars(args), "out_dir": str(there), "resume_from": str(snap)}))
+    assert [n for n, _ in fake.launched] == ["fadrm_teachers", "fadrm_ipc10_fadrm"]
+    assert (there / "runs" / "fadrm_ipc10_fadrm" / "students_done.json").read_text().startswith('{"timm')
+    result = json.loads((there / "accuracy_tables.json").read_text())
+    assert result["teachers_note"] == {"teachers/teacher/h": "retrained, other weights than the snapshot's"}
+    assert tables.teacher_digests(there) != tables.teacher_digests(here)
