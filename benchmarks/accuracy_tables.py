@@ -26,6 +26,10 @@ about 20 core-hours, over several calls with one variant per core (`--variants`)
     python benchmarks/accuracy_tables.py --out-dir DIR                # everything
     python benchmarks/accuracy_tables.py --out-dir DIR --dry          # tiny sizes: the plumbing, on CPU
     python benchmarks/accuracy_tables.py --report DIR/accuracy_tables.json [MORE.json]   # the README's markdown
+    python benchmarks/accuracy_tables.py --out-dir DIR --snapshot SNAP      # a few MB: continue on another machine
+    python benchmarks/accuracy_tables.py --out-dir NEW --ipc 50 --resume-from SNAP   # ...there (same other flags)
+
+A snapshot is taken with the runs paused or stopped (a file being written is copied as it stands).
 """
 from __future__ import annotations
 
