@@ -213,7 +213,7 @@ def run(args) -> None:
             {"benchmark": "accuracy_tables", "device": device, "git_sha": git_sha(), "seeds": args.seeds,
              "pipeline": args.pipeline,
              "fadrm_overrides": FADRM_PUBLISHED if args.pipeline == "published" else ["method.lr=0.25 (SRe2L)"],
-             "rows": rows, "teachers": teacher_digests(out), **({"teachers_note": teachers_note} if teachers_note else {}),
+             "rows": rows, "teachers": digests, **({"teachers_note": teachers_note} if teachers_note else {}),
              "missing": [name(j) for j in todo if name(j) not in {r["name"] for r in rows}]},
             indent=1))
 
@@ -244,7 +244,9 @@ def run(args) -> None:
                     return
             time.sleep(1)
 
-    teachers_note = {}  # a teacher that differs from the one a restored snapshot's runs used
+    # the cached teachers' digests, read once the runs that train them have ended (a checkpoint is ~90 MB), and any
+    # that differ from the ones a restored snapshot's runs used
+    digests, teachers_note = {}, {}
     failed = set()  # methods whose first run (the one that trains the teachers) failed: runs.log says why
     for warm in (True, False):
         for job in [j for j in launch_list if j["warm"] == warm]:
@@ -257,9 +259,10 @@ def run(args) -> None:
             running.append(launch(job))
         while running:
             reap()
+        if warm:
+            digests.update(teacher_digests(out))
         if warm and expected:  # the teachers the snapshot's runs used, retrained here
-            found = teacher_digests(out)
-            changed = sorted(k for k, v in expected.items() if found.get(k) not in (None, v))
+            changed = sorted(k for k, v in expected.items() if digests.get(k) not in (None, v))
             teachers_note.update({k: "retrained, other weights than the snapshot's" for k in changed})
             for k in changed:
                 print(f"teacher {k}: retrained here with other weights than the snapshot's runs used (another CPU "
