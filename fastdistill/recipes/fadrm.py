@@ -112,6 +112,17 @@ def stage_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
                      f"(a float: 1.0 is the full size) or a size in px > 1 (an int)")
 
 
+def roll_size(roll, image_size: tuple[int, int]) -> int:
+    """The recovery's largest random roll in px (both axes): an int >= 0 as is (published: 4 at 32 and 64 px, 32 at
+    224 px); a float in (0, 1) that fraction of the image's shorter side (32 / 224 = 0.143 is 4 px at 28 px)."""
+    if isinstance(roll, int) and not isinstance(roll, bool) and roll >= 0:
+        return roll
+    if isinstance(roll, float) and 0 < roll < 1:
+        return round(roll * min(image_size))
+    raise ValueError(f"method.roll must be a size in px >= 0 (an int) or a fraction of data.image_size's shorter "
+                     f"side in (0, 1) (a float), got {roll!r}")
+
+
 class FADRMRecipe:
     def __init__(self, cfg: DictConfig):
         m = cfg.method
@@ -141,6 +152,7 @@ class FADRMRecipe:
             raise ValueError("method.stage_sizes needs at least one stage")
         for size in m.stage_sizes:
             stage_size(size, (64, 64))  # one line for a stage that is neither px, a fraction nor null
+        roll_size(m.roll, (64, 64))
         if not 0.0 <= m.residual_alpha <= 1.0:
             raise ValueError(f"method.residual_alpha must be in [0, 1], got {m.residual_alpha!r}")
         if m.patches_per_side < 1 or m.stage_iterations < 0:
@@ -214,6 +226,7 @@ class FADRMRecipe:
         self.std = std.view(1, -1, 1, 1).to(self.device)
         self.lo, self.hi = (-self.mean / self.std).flatten(), ((1 - self.mean) / self.std).flatten()
         self.sizes = [stage_size(s, self.image_size) for s in m.stage_sizes]
+        self.roll = roll_size(m.roll, self.image_size)
         if m.variant == "sre2l":  # SRe2L: one resolution
             self.sizes = [self.image_size] * len(self.sizes)
         self.n_images = num_classes * cfg.ipc
@@ -556,8 +569,8 @@ class FADRMRecipe:
         for a, g in zip(parts, generators):
             if self.cfg.data.get("hflip", True) and torch.rand((), generator=g) < 0.5:
                 a = a.flip(-1)
-            if m.roll:
-                dx, dy = torch.randint(0, m.roll + 1, (2,), generator=g).tolist()
+            if self.roll:
+                dx, dy = torch.randint(0, self.roll + 1, (2,), generator=g).tolist()
                 a = torch.roll(a, shifts=(dx, dy), dims=(2, 3))
             augmented.append(a)
         pixels = torch.cat(augmented) * self.std + self.mean

@@ -68,6 +68,20 @@ def test_a_bad_stage_is_one_line_before_any_work(tmp_path):
         _recipe(tmp_path, "method.stage_sizes=[1,28]")
 
 
+def test_roll_in_px_or_as_a_fraction_of_the_image(tmp_path):
+    from fastdistill.recipes.fadrm import roll_size
+
+    assert roll_size(32, (224, 224)) == 32 and roll_size(0, (28, 28)) == 0, "px as published"
+    assert [roll_size(32 / 224, (n, n)) for n in (28, 64, 224)] == [4, 9, 32]
+    assert roll_size(0.25, (64, 48)) == 12, "of the shorter side: one roll bound for both axes, as published"
+    for bad in (-1, 1.0, 0.0, True, "4"):
+        with pytest.raises(ValueError, match="method.roll must be a size in px >= 0"):
+            roll_size(bad, (28, 28))
+    with pytest.raises(ValueError, match=r"method.roll must be .* got 1.5"):
+        _recipe(tmp_path, "method.roll=1.5")
+    assert _prepared(tmp_path, "method.roll=0.143", size=28).roll == 4
+
+
 # ---------------------------------------------------------------------------------------------- MPT
 def _prepared(tmp_path, *extra, size=8):
     """A recipe ready to recover one batch of 10 classes from a random-weight ResNet-18 (no teacher training)."""
@@ -75,7 +89,7 @@ def _prepared(tmp_path, *extra, size=8):
 
     from fastdistill.models import create_backbone
 
-    recipe = _recipe(tmp_path, "ipc=1", "method.roll=0", "checkpoint_every=0", *extra)
+    recipe = _recipe(tmp_path, "ipc=1", "method.roll=0", "checkpoint_every=0", *extra)  # extra can override it
     torch.manual_seed(0)
     teacher = create_backbone("timm:resnet18", num_classes=10).freeze()
     recipe.prepare_recovery([teacher], (size, size), 3, 10)
