@@ -14,8 +14,7 @@ LGM: the default preset (ResNet-18 trained on the digits) at each ipc; the linea
 `--pipeline default` runs the FADRM cells with the digits' default preset as it ships (no published overrides;
 SRe2L at its published lr 0.25, as the default preset's 0.01 leaves its noise noise).
 
-Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it (the RDED-style
-variant, which recovers nothing, one process per student); a FADRM run without
+Each (method, ipc, variant) is one `python -m fastdistill.run` process, both students in it; a FADRM run without
 recovery or students (and the first LGM run) goes first, so the cached teachers are trained once, then the rest
 run `--jobs` at a time. Results are
 re-aggregated after every finished run, so a run cut off by `--budget` still leaves what it finished. Run again
@@ -73,20 +72,16 @@ def jobs(ipcs, seeds: int, dry: bool, lgm_ipcs=(1, 10), variants=VARIANTS, paral
     out = [{"method": "fadrm", "pipeline": pipeline, "role": "teachers", "ipc": 1, "warm": True,
             "args": [*fadrm, "ipc=1", "method.variant=rded", "method.eval.students=[]",
                      "method.eval.real_random=false"]}] if variants else []
+    students = f"method.eval.students=[{','.join(STUDENTS)}]"
     for ipc in ipcs:
         for variant in variants:
             # the default preset's lr 0.01 leaves SRe2L's noise noise (students at chance): its published 0.25
             lr = ["method.lr=0.25"] if pipeline == "default" and variant == "sre2l" else []
-            # a recovering run trains both students on the set it recovers once; the RDED-style run recovers
-            # nothing (its selection takes seconds) and trains twice the students (random real too): one run per
-            # student, so its students share the cores with the others' instead of running alone after them
-            groups = [(s,) for s in STUDENTS] if variant == "rded" else [STUDENTS]
-            for group in groups:
-                args = [*fadrm, *lr, f"ipc={ipc}", f"method.parallel_batches={parallel}",
-                        f"method.variant={variant}", f"method.eval.students=[{','.join(group)}]",
-                        f"method.eval.seeds={seeds}", f"method.eval.real_random={str(variant == 'rded').lower()}"]
-                out.append({"method": "fadrm", "pipeline": pipeline, "ipc": ipc, "variant": variant, "args": args,
-                            "warm": False, **({"student": group[0]} if len(group) == 1 else {})})
+            args = [*fadrm, *lr, f"ipc={ipc}", f"method.parallel_batches={parallel}",
+                    f"method.variant={variant}", students, f"method.eval.seeds={seeds}",
+                    f"method.eval.real_random={str(variant == 'rded').lower()}"]
+            out.append({"method": "fadrm", "pipeline": pipeline, "ipc": ipc, "variant": variant, "args": args,
+                        "warm": False})
         if ipc not in lgm_ipcs:
             continue
         args = ["+method=lgm", f"ipc={ipc}", *(["preset=smoke", "method.iterations=2", "eval.epochs=1", "eval.runs=2",
@@ -101,8 +96,7 @@ def name(job: dict) -> str:
     method = job["method"] if job.get("pipeline", "published") == "published" else f"{job['method']}_{job['pipeline']}"
     if job.get("role"):
         return f"{method}_{job['role']}"
-    student = job.get("student", "").split(":")[-1]
-    return "_".join(p for p in (method, f"ipc{job['ipc']}", job.get("variant", ""), student) if p)
+    return "_".join(p for p in (method, f"ipc{job['ipc']}", job.get("variant", "")) if p)
 
 
 def collect(job: dict, folder: Path) -> list[dict] | None:
