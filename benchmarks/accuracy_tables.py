@@ -278,6 +278,15 @@ def cell(r: dict | None, key: str) -> str:
     return f"{r[key]['mean']:.3f} ± {r[key]['std']:.3f}"
 
 
+def paired(ours: dict | None, other: dict | None, key: str) -> str:
+    """FADRM's per-seed accuracies minus another set's at the same seeds: mean, range and how many FADRM leads."""
+    if not ours or not other or key not in other:
+        return "-"
+    diffs = [a - b for a, b in zip(ours["synthetic"]["per_seed"], other[key]["per_seed"], strict=True)]
+    return (f"{statistics.fmean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}], "
+            f"{sum(x > 0 for x in diffs)} of {len(diffs)}")
+
+
 def report(paths: list[str]) -> None:
     """The tables of one or more result files (e.g. ipc 1 and ipc 10 measured by separate calls); a row in a later
     file replaces the same row in an earlier one."""
@@ -293,6 +302,16 @@ def report(paths: list[str]) -> None:
         for s in STUDENTS:
             g = lambda v, key="synthetic": cell(fadrm.get((ipc, v, s)), key)  # noqa: E731
             print(f"| {ipc} | {s} | {g('fadrm')} | {g('sre2l')} | {g('rded')} | {g('rded', 'real_random')} |")
+    # paired by student seed: a seed is the same initial student and crops on every set of its cell
+    print("\nFADRM minus each baseline, paired by student seed: the mean difference, [lowest, highest], and at how "
+          "many seeds FADRM is ahead\n")
+    print("| ipc | student | vs SRe2L | vs RDED-style | vs random real |\n|---|---|---|---|---|")
+    for ipc in sorted({k[0] for k in fadrm}):
+        for s in STUDENTS:
+            ours = fadrm.get((ipc, "fadrm", s))
+            cells = [paired(ours, fadrm.get((ipc, v, s)), key) for v, key in
+                     (("sre2l", "synthetic"), ("rded", "synthetic"), ("rded", "real_random"))]
+            print(f"| {ipc} | {s} | {' | '.join(cells)} |")
     lgm = [r for r in d["rows"] if r["method"] == "lgm"]
     if lgm:
         print("\nLGM, linear probe on the unseen evaluator, mean ± std over its runs\n")

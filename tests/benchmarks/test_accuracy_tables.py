@@ -131,6 +131,15 @@ def test_collect_and_report_read_seeds_and_spread(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"| 10 | {a} | - | - | 0.600 ± 0.082 | 0.833 ± 0.047 |" in out and f"| 1 | {b} |" in out
     assert "cpu, git x" in out and "gpu, git y" in out and "not finished" not in out
+    # FADRM's cell of the same student, paired seed by seed with the RDED-style run's sets
+    ours = {**rows[0], "name": "fadrm_ipc10_fadrm", "ipc": 10, "variant": "fadrm",
+            "synthetic": {"mean": 0.7, "std": 0.0, "per_seed": [0.6, 0.7, 0.8]}}
+    later.write_text(json.dumps({"device": "gpu", "git_sha": "y", "seeds": 3, "missing": [], "rows": [*ipc10, ours]}))
+    tables.report([str(later)])
+    out = capsys.readouterr().out
+    # vs RDED-style: 0.6-0.5, 0.7-0.6, 0.8-0.7; vs random real: 0.6-0.8, 0.7-0.8, 0.8-0.9
+    assert f"| 10 | {a} | - | +0.100 [+0.100, +0.100], 3 of 3 | -0.133 [-0.200, -0.100], 0 of 3 |" in out
+    assert f"| 10 | {b} | - | - | - |" in out
 
 
 def test_resume_reads_finished_runs_and_continues_cut_off_ones(tmp_path):
