@@ -6,6 +6,7 @@ so a recipe runs the same code either way and never checks which one it is in.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -20,8 +21,23 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_alone = False  # inside alone(): this process works as if it were the only one
+
+
 def is_initialized() -> bool:
-    return td.is_available() and td.is_initialized()
+    return not _alone and td.is_available() and td.is_initialized()
+
+
+@contextlib.contextmanager
+def alone():
+    """Within, this rank computes as a single process (e.g. a whole student of its own while the other ranks train
+    theirs): every function here is the one-process case, rank 0 of 1, no collective. The ranks meet again after."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def init(device: torch.device, timeout_min: float = 30.0) -> torch.device:

@@ -51,6 +51,7 @@ from fastdistill.engine import Precision, resolve_device, save_checkpoint, seed_
 from fastdistill.engine.precision import channels_last_pays, mpt_precision
 from fastdistill.engine import distributed as dist
 from fastdistill.engine.checkpoint import load_checkpoint, load_shards
+from fastdistill.engine.metric_log import MetricLog
 from fastdistill.engine.schedules import cosine_schedule
 from fastdistill.data.soft_labels import parse_format
 from fastdistill.eval.ddranking import check_ddranking_config, ddranking_eval, print_result
@@ -66,6 +67,7 @@ from fastdistill.recipes import get_recipe
 from fastdistill.teachers import calibrate_bn, frozen_backbone
 
 VARIANTS = ("fadrm", "sre2l", "rded")
+DONE = "students_done.json"  # every finished student's test accuracy, by "student/set/seed"
 DIFFICULTIES = ("easy", "medium")
 STITCHINGS = ("consecutive", "strided")
 SCORINGS = ("image", "patch")
@@ -597,44 +599,94 @@ class FADRMRecipe:
         scfg = self.student_config()
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
         synthetic = read_distilled(self.out.path, self.classes, self.channels)
-        students, m = {}, cfg.method
+        # every training of the table in its order: (student, set, seed, images); the same seed on both sets is the
+        # same initial student and augmentation stream
+        trainings = []
+        for i, arch in enumerate(e.students):
+            for k in range(int(e.get("seeds", 1))):
+                sets = {"synthetic": synthetic}
+                if e.real_random:  # a new random draw per seed: its spread is part of the baseline's
+                    g = torch.Generator().manual_seed(cfg.seed + k)
+                    sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
+                trainings += [(arch, name, cfg.seed + 1000 * i + k, images) for name, images in sets.items()]
         # every finished student's accuracy, written as it ends: a resumed run trains only the ones still missing
-        done_file = self.out.path / "students_done.json"
-        finished = json.loads(done_file.read_text()) if cfg.resume and done_file.is_file() else {}
+        # (rank 0's reading, so that every rank agrees on them)
+        finished = dist.all_gather_object(self.students_done() if cfg.resume else {})[0]
+        todo = [t for t in trainings if f"{t[0]}/{t[1]}/{t[2]}" not in finished]
         with self.profiler.phase("evaluate"):
-            for i, arch in enumerate(e.students):
-                runs: dict[str, list[float]] = {}
-                for k in range(int(e.get("seeds", 1))):
-                    sets = {"synthetic": synthetic}
-                    if e.real_random:  # a new random draw per seed: its spread is part of the baseline's
-                        g = torch.Generator().manual_seed(cfg.seed + k)
-                        sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
-                    for name, images in sets.items():
-                        # the same seed for both sets: the same initial student and augmentation stream
-                        seed = cfg.seed + 1000 * i + k
-                        key = f"{arch}/{name}/{seed}"
-                        if key in finished:
-                            runs.setdefault(name, []).append(finished[key])
-                            continue
-                        stored = self.store_labels(arch, name, images, scfg, seed) if m.relabel == "store" else None
-                        r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg,
-                                          self.device, self.precision, seed=seed,
-                                          model_kwargs=self.stem_kwargs(arch, self.image_size),
-                                          num_workers=cfg.num_workers, progress=cfg.progress,
-                                          description=f"student {arch} on {name}", stored_labels=stored,
-                                          out=self.out, phase=f"student/{arch}/{name}/{seed}",
-                                          checkpoint=self.out.path / "students" / f"{_safe(arch)}_{name}_{seed}",
-                                          checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
-                        runs.setdefault(name, []).append(r["test_acc"])
-                        finished[key] = r["test_acc"]
-                        if dist.is_main():
-                            self.out.write_json(done_file.name, finished)
-                students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
-                self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
-                                            for name, accs in runs.items()}
+            if self.students_per_rank(scfg):
+                self.train_students_per_rank(todo, finished, scfg)
+            else:  # one student at a time, every rank a DDP replica of it
+                for arch, name, seed, images in todo:
+                    finished[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, self.out,
+                                                                       cfg.progress)
+                    self.out.write_json(DONE, finished)
+        students = {}
+        for arch in e.students:
+            runs: dict[str, list[float]] = {}
+            for a, name, seed, _ in trainings:
+                if a == arch:
+                    runs.setdefault(name, []).append(finished[f"{a}/{name}/{seed}"])
+            students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
+            self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
+                                        for name, accs in runs.items()}
         with contextlib.suppress(OSError):  # the students' checkpoint folders, each removed as its student ended
             (self.out.path / "students").rmdir()
         return students
+
+    def students_per_rank(self, scfg: StudentConfig) -> bool:
+        """Whole students per rank, side by side, instead of each student a DDP replica over all ranks: where the
+        ranks outnumber the micro-batches of the published batch (16 as 2 x 8), DDP would give BatchNorm fewer
+        images than the published training; one student per rank trains exactly as one process does. Stored labels
+        keep DDP: rank 0 writes one student's labels for all ranks."""
+        return dist.world_size() > scfg.accumulation_steps and self.cfg.method.relabel == "online"
+
+    def train_one(self, arch: str, name: str, seed: int, images, scfg: StudentConfig, out: RunDir,
+                  progress: bool) -> float:
+        """One student trained on ``images`` (its checkpoints in its own folder); its test accuracy."""
+        cfg = self.cfg
+        stored = self.store_labels(arch, name, images, scfg, seed) if cfg.method.relabel == "store" else None
+        r = train_student(arch, images, self.teachers, self.test_set, self.image_size, scfg, self.device,
+                          self.precision, seed=seed, model_kwargs=self.stem_kwargs(arch, self.image_size),
+                          num_workers=cfg.num_workers, progress=progress, description=f"student {arch} on {name}",
+                          stored_labels=stored, out=out, phase=f"student/{arch}/{name}/{seed}",
+                          checkpoint=self.out.path / "students" / f"{_safe(arch)}_{name}_{seed}",
+                          checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+        return r["test_acc"]
+
+    def students_done(self) -> dict[str, float]:
+        """The finished students of earlier attempts: rank 0's file and those of the ranks that trained students
+        of their own (``ranks/<rank>/``)."""
+        done = {}
+        for f in [self.out.path / DONE, *sorted((self.out.path / "ranks").glob(f"*/{DONE}"))]:
+            if f.is_file():
+                done.update(json.loads(f.read_text()))
+        return done
+
+    def train_students_per_rank(self, todo: list, finished: dict[str, float], scfg: StudentConfig) -> None:
+        """Rank r trains ``todo[r::world]``, each student alone as one process would; rank 0 logs into the run's
+        history, rank r > 0 into ``ranks/<r>/metrics.jsonl``. Each rank records its finished students as they end
+        (a killed run loses none), then all are gathered into rank 0's ``students_done.json``."""
+        r, world = dist.rank(), dist.world_size()
+        here, mine = todo[r::world], {}
+        if dist.is_main():
+            console.note(f"{len(todo)} students over {world} processes, each trained whole by one of them (DDP over "
+                         f"{world} would give BatchNorm micro-batches below the published {scfg.batch_size} / "
+                         f"{scfg.accumulation_steps})")
+        with dist.alone():
+            out = self.out
+            if r and here:
+                out = RunDir(self.out.path / "ranks" / str(r))
+                out.history = MetricLog(out.path, resume=bool(self.cfg.resume))
+            for arch, name, seed, images in here:
+                mine[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, out,
+                                                               self.cfg.progress and r == 0)
+                out.write_json(DONE, {**(finished if r == 0 else {}), **mine})
+            if out is not self.out:
+                out.history.close()
+        for part in dist.all_gather_object(mine):
+            finished.update(part)
+        self.out.write_json(DONE, finished)
 
     def student_config(self) -> StudentConfig:
         """The students' training (``method.eval``) as :func:`~fastdistill.eval.student.train_student` takes it."""

@@ -1,4 +1,5 @@
 """FADRM sharded over 2 gloo processes under torchrun: the same set as one process, and after a killed run."""
+import json
 import os
 import signal
 import subprocess
@@ -59,3 +60,32 @@ def test_killed_ranks_resume_to_the_same_set(tmp_path, cache, one_process, run_p
     assert not (out / "distilled").exists(), "killed before the end"
     _run(run_python, cache, out, "resume=true", "checkpoint_every=3", ranks=2)
     np.testing.assert_array_equal(_images(out), one_process)
+
+
+def test_ranks_train_whole_students_side_by_side_as_one_process_does(tmp_path, cache, run_python):
+    # more ranks than micro-batches (the default: a batch of 32 as one): each rank trains whole students, so every
+    # seed's accuracy is the one-process run's to the bit, instead of DDP replicas whose BatchNorm sees half a batch
+    evals = ["method.eval.seeds=2", "method.eval.real_random=true"]
+    results = {}
+    for ranks in (1, 2):
+        out = tmp_path / str(ranks)
+        _run(run_python, cache, out, *evals, ranks=ranks)
+        results[ranks] = json.loads((out / "metrics.json").read_text())["student_seeds"]
+    assert results[2] == results[1]
+    done = json.loads((tmp_path / "2" / "students_done.json").read_text())
+    assert len(done) == 4, "rank 0's file gathers every rank's students"
+    # rank 1 trained the 2nd and 4th of the four (the real-random ones) and logged them in its own history
+    logged = {json.loads(line)["phase"] for line in (tmp_path / "2" / "ranks" / "1" / "metrics.jsonl").open()}
+    assert logged == {"student/timm:resnet18/real_random/0", "student/timm:resnet18/real_random/1"}, logged
+    assert json.loads((tmp_path / "2" / "ranks" / "1" / "students_done.json").read_text()).keys() == \
+        {"timm:resnet18/real_random/0", "timm:resnet18/real_random/1"}
+    # killed after each rank recorded its students but before the gather: the resume reads every rank's file and
+    # trains none again
+    two = tmp_path / "2"
+    (two / "metrics.json").unlink()
+    (two / "students_done.json").write_text(json.dumps({k: v for k, v in done.items() if "synthetic" in k}))
+    before = (two / "ranks" / "1" / "metrics.jsonl").read_text()
+    _run(run_python, cache, two, *evals, "resume=true", ranks=2)
+    assert json.loads((two / "metrics.json").read_text())["student_seeds"] == results[1]
+    assert json.loads((two / "students_done.json").read_text()) == done
+    assert (two / "ranks" / "1" / "metrics.jsonl").read_text() == before, "no student trained again"
