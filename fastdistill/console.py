@@ -65,21 +65,21 @@ def progress(enabled: bool = True) -> Progress | PhaseLines:
     """A live progress bar on stderr; where stderr is not a terminal (a log file, CI) or ``progress=false``, one
     line per phase when it ends. Rank 0 only."""
     if not enabled or not _err.is_terminal:
-        return PhaseLines(dist.is_main())
+        return PhaseLines(dist.speaks())
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=_err, disable=not dist.is_main(), transient=False)
+                    console=_err, disable=not dist.speaks(), transient=False)
 
 
 def note(message: str) -> None:
     """One line on stderr from rank 0: where a run writes, before its long work starts."""
-    if dist.is_main():
+    if dist.speaks():
         _err.print(message, highlight=False, soft_wrap=True)
 
 
 def print_results(title: str, columns: list[str], rows: list[list], out_dir) -> None:
     """The short results table every run ends with, then the path of its output folder."""
-    if not dist.is_main():
+    if not dist.speaks():
         return
     table = Table(title=title)
     for c in columns:

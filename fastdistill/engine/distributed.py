@@ -21,23 +21,30 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-_alone = False  # inside alone(): this process works as if it were the only one
+_alone: bool | None = None  # inside alone(): whether this process speaks (prints); None outside
 
 
 def is_initialized() -> bool:
-    return not _alone and td.is_available() and td.is_initialized()
+    return _alone is None and td.is_available() and td.is_initialized()
 
 
 @contextlib.contextmanager
-def alone():
+def alone(speaks: bool):
     """Within, this rank computes as a single process (e.g. a whole student of its own while the other ranks train
-    theirs): every function here is the one-process case, rank 0 of 1, no collective. The ranks meet again after."""
+    theirs): every function here is the one-process case, rank 0 of 1, no collective; only a rank that ``speaks``
+    prints (:func:`speaks`). The ranks meet again after."""
     global _alone
-    before, _alone = _alone, True
+    before, _alone = _alone, speaks
     try:
         yield
     finally:
         _alone = before
+
+
+def speaks() -> bool:
+    """Whether this process prints: rank 0, and inside :func:`alone` the rank it names (one voice on the terminal
+    while every rank is rank 0 of its own)."""
+    return is_main() if _alone is None else _alone
 
 
 def init(device: torch.device, timeout_min: float = 30.0) -> torch.device:

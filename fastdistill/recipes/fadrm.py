@@ -183,6 +183,10 @@ class FADRMRecipe:
             console.note(f"method.mpt on {self.device.type}: fp16 autocast is published for CUDA and runs through slow "
                          f"kernels here; the recovery runs under {self.mpt} instead")
         check_student_config(self.student_config())  # before any recovery
+        students = list(m.eval.students)
+        if twice := sorted({s for s in students if students.count(s) > 1}):
+            raise ValueError(f"method.eval.students names {', '.join(twice)} more than once; more runs of one student "
+                             "are method.eval.seeds")
         self.out = RunDir(cfg.out)
         self.label_stats, self.ddranking_result, self.student_seeds = {}, None, {}  # filled by evaluate
 
@@ -610,14 +614,16 @@ class FADRMRecipe:
                     sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
                 trainings += [(arch, name, cfg.seed + 1000 * i + k, images) for name, images in sets.items()]
         # every finished student's accuracy, written as it ends: a resumed run trains only the ones still missing
-        # (rank 0's reading, so that every rank agrees on them)
+        # (rank 0's reading, so that every rank agrees on them; a fresh run first drops an earlier run's)
+        if not cfg.resume and dist.is_main():
+            for f in (self.out.path / "ranks").glob(f"*/{DONE}"):
+                f.unlink()
         finished = dist.all_gather_object(self.students_done() if cfg.resume else {})[0]
-        todo = [t for t in trainings if f"{t[0]}/{t[1]}/{t[2]}" not in finished]
         with self.profiler.phase("evaluate"):
             if self.students_per_rank(scfg):
-                self.train_students_per_rank(todo, finished, scfg)
+                self.train_students_per_rank(trainings, finished, scfg)
             else:  # one student at a time, every rank a DDP replica of it
-                for arch, name, seed, images in todo:
+                for arch, name, seed, images in [t for t in trainings if f"{t[0]}/{t[1]}/{t[2]}" not in finished]:
                     finished[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, self.out,
                                                                        cfg.progress)
                     self.out.write_json(DONE, finished)
@@ -663,17 +669,21 @@ class FADRMRecipe:
                 done.update(json.loads(f.read_text()))
         return done
 
-    def train_students_per_rank(self, todo: list, finished: dict[str, float], scfg: StudentConfig) -> None:
-        """Rank r trains ``todo[r::world]``, each student alone as one process would; rank 0 logs into the run's
-        history, rank r > 0 into ``ranks/<r>/metrics.jsonl``. Each rank records its finished students as they end
-        (a killed run loses none), then all are gathered into rank 0's ``students_done.json``."""
+    def train_students_per_rank(self, trainings: list, finished: dict[str, float], scfg: StudentConfig) -> None:
+        """Rank r trains training k for every k = r mod world not yet ``finished`` (so a resume with as many ranks
+        continues each student on the rank that began it), each student alone as one process would; rank 0 logs
+        into the run's history, rank r > 0 into ``ranks/<r>/metrics.jsonl``. Each rank records its finished
+        students as they end (a killed run loses none); a rank done early waits for the others' records on disk,
+        not in a collective, which would time out while another rank trains a student for hours."""
         r, world = dist.rank(), dist.world_size()
-        here, mine = todo[r::world], {}
+        keys = [f"{arch}/{name}/{seed}" for arch, name, seed, _ in trainings]
+        here = [t for k, (t, key) in enumerate(zip(trainings, keys)) if k % world == r and key not in finished]
         if dist.is_main():
-            console.note(f"{len(todo)} students over {world} processes, each trained whole by one of them (DDP over "
-                         f"{world} would give BatchNorm micro-batches below the published {scfg.batch_size} / "
-                         f"{scfg.accumulation_steps})")
-        with dist.alone():
+            console.note(f"{sum(k not in finished for k in keys)} students over {world} processes, each trained whole "
+                         f"by one of them (DDP over {world} would give BatchNorm micro-batches below the published "
+                         f"{scfg.batch_size} / {scfg.accumulation_steps})")
+        mine = dict(finished)
+        with dist.alone(speaks=r == 0):
             out = self.out
             if r and here:
                 out = RunDir(self.out.path / "ranks" / str(r))
@@ -681,12 +691,15 @@ class FADRMRecipe:
             for arch, name, seed, images in here:
                 mine[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, out,
                                                                self.cfg.progress and r == 0)
-                out.write_json(DONE, {**(finished if r == 0 else {}), **mine})
+                out.write_json(DONE, mine)
             if out is not self.out:
                 out.history.close()
-        for part in dist.all_gather_object(mine):
-            finished.update(part)
+        while missing := [k for k in keys if k not in finished]:
+            finished.update(self.students_done())
+            if any(k not in finished for k in missing):
+                time.sleep(5)
         self.out.write_json(DONE, finished)
+        dist.barrier()  # every rank has read every record before rank 0's file is the only one a resume needs
 
     def student_config(self) -> StudentConfig:
         """The students' training (``method.eval``) as :func:`~fastdistill.eval.student.train_student` takes it."""

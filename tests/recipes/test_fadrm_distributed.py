@@ -67,6 +67,9 @@ def test_ranks_train_whole_students_side_by_side_as_one_process_does(tmp_path, c
     # seed's accuracy is the one-process run's to the bit, instead of DDP replicas whose BatchNorm sees half a batch
     evals = ["method.eval.seeds=2", "method.eval.real_random=true"]
     results = {}
+    stale = tmp_path / "2" / "ranks" / "3" / "students_done.json"  # of an earlier run with more ranks: a fresh run
+    stale.parent.mkdir(parents=True)                               # drops it, or a resume would read it
+    stale.write_text(json.dumps({"timm:resnet18/synthetic/0": 0.0}))
     for ranks in (1, 2):
         out = tmp_path / str(ranks)
         _run(run_python, cache, out, *evals, ranks=ranks)
@@ -79,8 +82,9 @@ def test_ranks_train_whole_students_side_by_side_as_one_process_does(tmp_path, c
     assert logged == {"student/timm:resnet18/real_random/0", "student/timm:resnet18/real_random/1"}, logged
     assert json.loads((tmp_path / "2" / "ranks" / "1" / "students_done.json").read_text()).keys() == \
         {"timm:resnet18/real_random/0", "timm:resnet18/real_random/1"}
-    # killed after each rank recorded its students but before the gather: the resume reads every rank's file and
-    # trains none again
+    assert not stale.exists()
+    # killed after each rank recorded its students, before rank 0 gathered them: the resume reads every rank's file
+    # and trains none again
     two = tmp_path / "2"
     (two / "metrics.json").unlink()
     (two / "students_done.json").write_text(json.dumps({k: v for k, v in done.items() if "synthetic" in k}))

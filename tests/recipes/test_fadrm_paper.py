@@ -68,6 +68,11 @@ def test_a_bad_stage_is_one_line_before_any_work(tmp_path):
         _recipe(tmp_path, "method.stage_sizes=[1,28]")
 
 
+def test_a_student_named_twice_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="method.eval.students names timm:resnet18 more than once; more runs of"):
+        _recipe(tmp_path, "method.eval.students=[timm:resnet18,timm:regnetx_002,timm:resnet18]")
+
+
 def test_roll_in_px_or_as_a_fraction_of_the_image(tmp_path):
     from fastdistill.recipes.fadrm import roll_size
 
