@@ -603,8 +603,8 @@ class FADRMRecipe:
         scfg = self.student_config()
         # the set as saved, read back from disk through the loader (what +method=evaluate and users see)
         synthetic = read_distilled(self.out.path, self.classes, self.channels)
-        # every training of the table in its order: (student, set, seed, images); the same seed on both sets is the
-        # same initial student and augmentation stream
+        # every training of the table in its order: (key, student, set, seed, images), the key "student/set/seed"
+        # that students_done.json records; the same seed on both sets is the same initial student and crops
         trainings = []
         for i, arch in enumerate(e.students):
             for k in range(int(e.get("seeds", 1))):
@@ -612,7 +612,8 @@ class FADRMRecipe:
                 if e.real_random:  # a new random draw per seed: its spread is part of the baseline's
                     g = torch.Generator().manual_seed(cfg.seed + k)
                     sets["real_random"] = self.train_set.subset(self.train_set.per_class(cfg.ipc, g))
-                trainings += [(arch, name, cfg.seed + 1000 * i + k, images) for name, images in sets.items()]
+                seed = cfg.seed + 1000 * i + k
+                trainings += [(f"{arch}/{name}/{seed}", arch, name, seed, images) for name, images in sets.items()]
         # every finished student's accuracy, written as it ends: a resumed run trains only the ones still missing
         # (rank 0's reading, so that every rank agrees on them; a fresh run first drops an earlier run's)
         if not cfg.resume and dist.is_main():
@@ -623,16 +624,15 @@ class FADRMRecipe:
             if self.students_per_rank(scfg):
                 self.train_students_per_rank(trainings, finished, scfg)
             else:  # one student at a time, every rank a DDP replica of it
-                for arch, name, seed, images in [t for t in trainings if f"{t[0]}/{t[1]}/{t[2]}" not in finished]:
-                    finished[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, self.out,
-                                                                       cfg.progress)
+                for key, *training in [t for t in trainings if t[0] not in finished]:
+                    finished[key] = self.train_one(*training, scfg, self.out, cfg.progress)
                     self.out.write_json(DONE, finished)
         students = {}
         for arch in e.students:
             runs: dict[str, list[float]] = {}
-            for a, name, seed, _ in trainings:
+            for key, a, name, _, _ in trainings:
                 if a == arch:
-                    runs.setdefault(name, []).append(finished[f"{a}/{name}/{seed}"])
+                    runs.setdefault(name, []).append(finished[key])
             students[arch] = {name: statistics.mean(accs) for name, accs in runs.items()}
             self.student_seeds[arch] = {name: {"per_seed": accs, "std": statistics.pstdev(accs)}
                                         for name, accs in runs.items()}
@@ -676,8 +676,8 @@ class FADRMRecipe:
         students as they end (a killed run loses none); a rank done early waits for the others' records on disk,
         not in a collective, which would time out while another rank trains a student for hours."""
         r, world = dist.rank(), dist.world_size()
-        keys = [f"{arch}/{name}/{seed}" for arch, name, seed, _ in trainings]
-        here = [t for k, (t, key) in enumerate(zip(trainings, keys)) if k % world == r and key not in finished]
+        keys = [t[0] for t in trainings]
+        here = [t for k, t in enumerate(trainings) if k % world == r and t[0] not in finished]
         if dist.is_main():
             console.note(f"{sum(k not in finished for k in keys)} students over {world} processes, each trained whole "
                          f"by one of them (DDP over {world} would give BatchNorm micro-batches below the published "
@@ -688,16 +688,15 @@ class FADRMRecipe:
             if r and here:
                 out = RunDir(self.out.path / "ranks" / str(r))
                 out.history = MetricLog(out.path, resume=bool(self.cfg.resume))
-            for arch, name, seed, images in here:
-                mine[f"{arch}/{name}/{seed}"] = self.train_one(arch, name, seed, images, scfg, out,
-                                                               self.cfg.progress and r == 0)
+            for key, *training in here:
+                mine[key] = self.train_one(*training, scfg, out, self.cfg.progress and r == 0)
                 out.write_json(DONE, mine)
             if out is not self.out:
                 out.history.close()
-        while missing := [k for k in keys if k not in finished]:
+        finished.update(self.students_done())
+        while any(k not in finished for k in keys):
+            time.sleep(5)
             finished.update(self.students_done())
-            if any(k not in finished for k in missing):
-                time.sleep(5)
         self.out.write_json(DONE, finished)
         dist.barrier()  # every rank has read every record before rank 0's file is the only one a resume needs
 
