@@ -37,9 +37,11 @@ try:
                          num_workers=0, num_classes=4, out=Out(), checkpoint=folder + "/ckpt", checkpoint_every=4,
                          checkpoint_min_s=0, resume=mode == "resume")
 except Killed:
+    dist.cleanup()  # leave the process group in order: a rank exiting inside it can abort its peer's gloo threads
     sys.exit(0)
 if dist.is_main():
     torch.save(r["model"].state_dict(), folder + "/weights.pt")
+dist.cleanup()
 """
 
 
