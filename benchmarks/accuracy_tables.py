@@ -203,7 +203,7 @@ def run(args) -> None:
     pending = {j["method"] for j in launch_list}
     launch_list = [j for j in every if j.get("role") and j["method"] in pending and not finished(j)] + \
         [{**j, "warm": j["warm"] and j["method"] not in trained} for j in launch_list]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDISTILL_CACHE": str(out / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "FASTDISTILL_CACHE": str(out / "cache")}
     start, running, log = time.time(), [], open(out / "runs.log", "a")
     # the runs' device (device=auto), named once: the runs are child processes
     device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -336,6 +336,8 @@ def main() -> None:
     p.add_argument("--parallel-batches", type=int, default=1, help="FADRM recovery batches side by side (a GPU: "
                    "all of a run's; the same images to rounding, faster where one batch leaves the device idle)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run; more than 1 where fewer runs than "
+                   "cores are left (e.g. the RDED-style run, with twice the students, going on alone)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; runs still going then are killed")
     p.add_argument("--dry", action="store_true", help="tiny sizes (smoke presets, a couple of iterations)")
     p.add_argument("--snapshot", metavar="DIR", help="copy the --out-dir's resumable state (no student checkpoints, "
