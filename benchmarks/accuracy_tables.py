@@ -5,7 +5,8 @@ teacher and students, recovery at one resolution for 4 x 500 iterations at lr 0.
 RDED's selection ('medium' patches, square crops of scale 0.08-1 scored at the patch size, strided stitching),
 relabelling with BN over half-batches (BSSL) and CutMix, students at batch 16 as 2 x 8, crops of scale 0.08-1 and
 the per-epoch cosine. Two deliberate differences, both the digits preset's: 100 student epochs (published 1000 at
-32 px) and the student lr 1e-2 (published 1e-3, which leaves 100 epochs of the ipc-1 set at 100 steps). FADRM,
+32 px) and one student schedule at every ipc, lr 1e-2 ending at half of it (published for CIFAR-100's ResNet-18:
+lr 5e-4 / 1e-3 / 1e-3, eta 2 / 2 / 1 at ipc 1 / 10 / 50; 1e-3 leaves 100 epochs of the ipc-1 set at 100 steps). FADRM,
 SRe2L and the RDED-style init at each ipc, random real in the RDED-style runs; `--seeds` student seeds each.
 
 LGM: the default preset (ResNet-18 trained on the digits) at each ipc; the linear probe on the unseen RegNetX,
