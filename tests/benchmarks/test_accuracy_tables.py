@@ -43,12 +43,14 @@ class FakeRuns:
 
     def __init__(self):
         self.launched, self.alive, self.fail, self.teacher = [], [], set(), torch.zeros(3)
+        self.threads = set()  # each run's OMP_NUM_THREADS
         runs = self
 
         class Proc:
             def __init__(self, cmd, env=None, **_):
                 folder = Path(next(a for a in cmd if a.startswith("out="))[4:])
                 runs.launched.append((folder.name, [p.name for p in runs.alive]))
+                runs.threads.add(env["OMP_NUM_THREADS"])
                 self.name, self.returncode, self.polls = folder.name, None, 0
                 self.code = 1 if folder.name in runs.fail else 0
                 runs.alive.append(self)
@@ -82,10 +84,11 @@ def test_run_trains_the_teachers_first_and_once(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=fake.Popen, STDOUT=subprocess.STDOUT))
     args = argparse.Namespace(out_dir=str(tmp_path), ipc=[10], seeds=1, dry=True, lgm_ipc=[],
                               variants=list(tables.VARIANTS), parallel_batches=1, pipeline="published", budget=1e9,
-                              jobs=3, resume_from=None)
+                              jobs=3, threads=2, resume_from=None)
     cells = sorted(f"fadrm_ipc10_{v}" for v in tables.VARIANTS)
     tables.run(args)
     assert launched == [("fadrm_teachers", [])], "a failed teachers run: no cell trains a teacher of its own"
+    assert fake.threads == {"2"}, "each run gets --threads"
     fail.clear()
     launched.clear()
     tables.run(args)
@@ -166,7 +169,8 @@ def test_a_snapshot_continues_elsewhere_without_student_checkpoints(tmp_path, mo
     monkeypatch.setattr(tables, "subprocess", SimpleNamespace(Popen=fake.Popen, STDOUT=subprocess.STDOUT))
     here, snap, there = tmp_path / "here", tmp_path / "snap", tmp_path / "there"
     args = argparse.Namespace(out_dir=str(here), ipc=[10], seeds=1, dry=True, lgm_ipc=[], variants=["fadrm"],
-                              parallel_batches=1, pipeline="published", budget=1e9, jobs=2, resume_from=None)
+                              parallel_batches=1, pipeline="published", budget=1e9, jobs=2, threads=1,
+                              resume_from=None)
     tables.run(args)
     cut = here / "runs" / "fadrm_ipc10_fadrm"
     (cut / "metrics.json").unlink()  # a run cut off: recovered batches, a finished student, one mid-training
