@@ -22,7 +22,8 @@ re-aggregated after every finished run, so a run cut off by `--budget` still lea
 into the same `--out-dir`, finished runs are read back, not re-run, and a run cut off continues from its checkpoint
 (mid-recovery, or mid-student from the student's last checkpoint); with the teachers already in that folder's cache
 nothing runs alone. On 2 CPU cores ipc 1 takes about an hour (a recovery: 57 s per image); ipc 10 about 4 h; ipc 50
-about 20 core-hours, over several calls with one variant per core (`--variants`), or a GPU.
+about 15 core-hours (recoveries 2.6 h and 3.1 h, students 8 h), over several calls with one variant per core
+(`--variants`), or a GPU.
 
     python benchmarks/accuracy_tables.py --out-dir DIR                # everything
     python benchmarks/accuracy_tables.py --out-dir DIR --dry          # tiny sizes: the plumbing, on CPU
