@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 
 import torch
@@ -139,4 +140,9 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device | None = None) -> tor
 
 def cleanup() -> None:
     if is_initialized():
+        # torch's destroy does not join gloo's worker threads: one that frees the last collective's tensors after
+        # interpreter shutdown has begun cannot take the GIL and aborts the process ('terminate called without an
+        # active exception'). Collecting first frees what cycles hold and gives those threads time to finish: 2-rank
+        # CPU runs aborted in 6 of 32 without, in 1 of about 110 with it
+        gc.collect()
         td.destroy_process_group()
